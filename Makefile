@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NBDEV_WORKERS ?= 2
 export PYTHONHASHSEED := 0
 
-.PHONY: lab test test-fast test-slow test-cuda docs export clean-nbs check-sync bench help
+.PHONY: lab test test-slow test-cuda docs export check-sync bench browser install help
 
 help:
 	@echo "make lab | test | test-slow | docs | export | bench"
@@ -41,7 +41,7 @@ test: $(STAMP)
 	$(VENV)/bin/nbdev-test --n-workers $(NBDEV_WORKERS) --timing
 	$(PY) -m pytest tests -q -n $(NBDEV_WORKERS) -m "not slow and not cuda"
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(VENV)/bin/nbdev-test --n-workers $(NBDEV_WORKERS) --flags slow --timing
 	$(PY) -m pytest tests -q -m "slow and not cuda"
 
@@ -56,13 +56,20 @@ export: $(STAMP)
 # CI gate: the package and README come from the notebooks, and notebooks are clean.
 check-sync: $(STAMP)
 	$(VENV)/bin/nbdev-export
-	$(VENV)/bin/nbdev-readme >/dev/null
+	$(PY) tools/build_docs.py readme >/dev/null
 	$(VENV)/bin/nbdev-clean
 	@git diff --exit-code --stat -- minibert_lab README.md nbs || { echo "generated files or notebooks out of sync: run 'make export' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- minibert_lab nbs README.md)" || { git status --porcelain -- minibert_lab nbs README.md; echo "untracked generated files: run 'make export' and commit"; exit 1; }
 
 docs: $(STAMP)
-	$(PY) -m minibert_lab.docs
+	$(PY) tools/build_docs.py readme
+	$(PY) tools/build_docs.py site
+
+# headless Chromium for the slow site test (Debian package `chromium`)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the site test will be skipped (apt-get install chromium)"
 
 bench: $(STAMP)
 	$(VENV)/bin/minibert-lab bench attention
