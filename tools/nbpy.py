@@ -5,7 +5,7 @@
 
 Cells are separated by lines `# %%` (code) and `# %% [markdown]` (markdown; each line prefixed by `# `).
 """
-import json, sys, re
+import hashlib, json, sys, re
 from pathlib import Path
 
 def _md_lines(src):
@@ -45,20 +45,24 @@ def _split(text):
 def to_nb(py_path):
     py_path = Path(py_path)
     nb_path = Path(str(py_path).replace(".pct.py", ".ipynb"))
-    old = {}
+    old, ids = {}, {}
     meta = {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}}
     if nb_path.exists():
         onb = json.loads(nb_path.read_text()); meta = onb.get("metadata", meta)
         for c in onb["cells"]:
             if c["cell_type"] == "code": old["".join(c["source"])] = c.get("outputs", [])
-    cells = []
-    for kind, src in _split(py_path.read_text()):
+            if "id" in c: ids.setdefault("".join(c["source"]), c["id"])
+    cells, used = [], set()
+    for i, (kind, src) in enumerate(_split(py_path.read_text())):
+        cid = ids.get(src)
+        if cid is None or cid in used: cid = hashlib.sha1(f"{i}:{src}".encode()).hexdigest()[:8]
+        used.add(cid)
         lines = src.split("\n")
         source = [l + "\n" for l in lines[:-1]] + [lines[-1]] if src else []
         if kind == "markdown":
-            cells.append({"cell_type": "markdown", "metadata": {}, "source": source})
+            cells.append({"cell_type": "markdown", "id": cid, "metadata": {}, "source": source})
         else:
-            cells.append({"cell_type": "code", "execution_count": None, "metadata": {},
+            cells.append({"cell_type": "code", "execution_count": None, "id": cid, "metadata": {},
                           "outputs": old.get(src, []), "source": source})
     nb = {"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
