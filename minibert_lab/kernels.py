@@ -20,9 +20,9 @@ __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHU
            'APPROX_SCALE', 'APPROX_BUDGETS', 'positive_den_floor', 'to_numpy64', 'rope_cos_sin', 'apply_rope',
            'token_mask', 'visibility_mask', 'FeatureContext', 'laguerre_nodes', 'nystrom_whitening', 'KernelSpec',
            'register_kind', 'get_kind', 'kind_params', 'is_exact', 'target_kernel', 'resolve_params', 'feature_dim',
-           'init_state', 'chunked_prefix_sums', 'linear_sums', 'attention_core', 'reference_attention', 'small_params',
-           'random_inputs', 'weights_condition', 'relative_error', 'clustered_inputs', 'target_attention',
-           'budget_params', 'approximation_error', 'approximation_table', 'quadrature_error']
+           'init_state', 'chunked_prefix_sums', 'linear_sums', 'state_names', 'attention_core', 'reference_attention',
+           'small_params', 'random_inputs', 'weights_condition', 'relative_error', 'clustered_inputs',
+           'target_attention', 'budget_params', 'approximation_error', 'approximation_table', 'quadrature_error']
 
 # %% ../nbs/10_kernels.ipynb #2cb5860b
 UNIT_NORM_EPS = 1e-12      # added to ‖x‖² before the square root when projecting onto the unit sphere (finite grad at 0)
@@ -602,7 +602,7 @@ def linear_sums(fq, # φ(q) [B, H, L, F]
     r = xp.maximum(rf, rb)  # [B, H, L] common scale of both halves
     return fwd * xp.exp(rf - r)[..., None] + bwd * xp.exp(rb - r)[..., None]
 
-# %% ../nbs/10_kernels.ipynb #d0da18cf
+# %% ../nbs/10_kernels.ipynb #3c3b0af9
 def _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, exact, kind):
     for n, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4: raise ValueError(f"{n} has shape {tuple(a.shape)}; allowed: [B, H, L, D]")
@@ -622,8 +622,21 @@ def _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, ex
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise ValueError(f"window={window!r} is invalid; allowed: None or an integer >= 0")
 
+_STATE_NAMES: dict = {}  # (kind, params) -> names of its state arrays, so the hot path never draws
+
+def state_names(kind: str, # attention kind
+                params: dict | None = None, # the kind's parameters (already resolved ones are fine)
+               ) -> tuple[str, ...]:
+    "Names of the state arrays of `kind` (memoised: drawn once at tiny size, never on the hot path)."
+    spec = get_kind(kind)
+    key = (kind, tuple(sorted((k, v) for k, v in (params or {}).items() if k in spec.defaults)))
+    if key not in _STATE_NAMES:
+        p = resolve_params(kind, params)
+        _STATE_NAMES[key] = tuple(sorted(spec.draw_state(np.random.default_rng(0), 1, 1, p))) if spec.draw_state else ()
+    return _STATE_NAMES[key]
+
 def _state_arrays(xp, spec, state, like, heads, params):
-    need = set(spec.draw_state(np.random.default_rng(0), 1, 1, params)) if spec.draw_state else set()
+    need = set(state_names(spec.name, params))
     state = state or {}
     missing = sorted(need - set(state))
     if missing: raise ValueError(f"state is missing {missing} for kind {spec.name!r}; build it with init_state")
