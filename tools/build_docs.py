@@ -22,10 +22,26 @@ PLOTLY_LIB = "site_libs/plotly/plotly.min.js"
 INLINE_PLOTLY = re.compile(r"<script[^>]*>\s*/\*\*\s*\n?\s*\*\s*plotly\.js v.*?</script>", re.S)
 
 
+def _skip_flagged(do_eval):
+    "API cards need the exported code and the imports only: never run flagged cells or cells mixing imports with work."
+    import ast
+    def f(cell):
+        flags = set(get_config(ROOT).tst_flags.split())
+        if flags & set(cell.directives_): return None
+        if not do_eval(cell): return None
+        if set(cell.directives_) & {"export", "exports", "exporti", "exec_doc"} or "show_doc(" in cell.source: return True
+        return all(isinstance(t, (ast.Import, ast.ImportFrom)) for t in cell.parsed_())
+    return f
+
+
 def process(file_glob=""):
-    "Run nbdev's processors over the notebooks into `_proc/`."
+    "Run nbdev's processors over the notebooks into `_proc/` (in this process, so the patch above applies)."
+    import nbdev.processors
+    if not getattr(nbdev.processors._do_eval, "_skips_flagged", False):
+        nbdev.processors._do_eval = _skip_flagged(nbdev.processors._do_eval)
+        nbdev.processors._do_eval._skips_flagged = True
     cfg = get_config(ROOT)
-    return proc_nbs(str(cfg.nbs_path), n_workers=1, skip_file_re=SKIP, file_glob=file_glob)
+    return proc_nbs(str(cfg.nbs_path), n_workers=0, skip_file_re=SKIP, file_glob=file_glob)
 
 
 def _front(nb):

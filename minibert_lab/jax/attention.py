@@ -8,12 +8,18 @@ Docs: https://minibert-lab.github.io/minibert_lab/attention.jax.html.md"""
 __all__ = ['HALF_DTYPES', 'FAST_PATHS', 'EXACT_FAST_PATH', 'softmax_attention_einsum', 'softmax_attention_dpa', 'time_fast_paths',
            'RandomState', 'default_position_ids', 'Attention', 'build_attention']
 
-# %% ../../nbs/12_attention.jax.ipynb #a1059475
-import time
+# %% ../../nbs/12_attention.jax.ipynb #2bad7715
+import time, typing
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import flax.nnx.pytreelib as _nnx_pytreelib
+
+# flax.nnx.pytreelib annotates `PytreeMeta.__call__` with the string 'Any' but imports `Any` for type checkers
+# only, so `inspect.signature(..., eval_str=True)` (used by docs tooling: show_doc, docments) fails for every
+# nnx.Module subclass. Give the module the name it refers to.
+if not hasattr(_nnx_pytreelib, "Any"): _nnx_pytreelib.Any = typing.Any
 
 from .. import kernels
 from ..attention_spec import AttentionSpec, attention_spec, check_inputs
