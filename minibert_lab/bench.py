@@ -27,8 +27,8 @@ __all__ = ['DEVICES', 'FRAMEWORKS', 'MEMORY_METHODS', 'FWD_BWD_FACTOR', 'PEAK_MA
            'attention_case', 'attention_sweep', 'long_sweep', 'crossover_lengths', 'memory_growth', 'attention_figure',
            'bench_attention', 'bench_models', 'models_figure', 'attention_report', 'models_report', 'matmul_report',
            'render_benchmark', 'merge_results', 'run_benchmark', 'cli_bench', 'approx_params', 'approx_kinds',
-           'target_attention', 'approximation_error', 'bench_approx', 'approx_figure', 'approx_report',
-           'quality_config', 'bench_quality', 'quality_table', 'quality_report']
+           'bench_approx', 'approx_figure', 'approx_report', 'quality_config', 'bench_quality', 'quality_table',
+           'quality_report']
 
 # %% ../nbs/50_bench.ipynb #32595007
 DEVICES = ("cpu", "cuda")
@@ -727,12 +727,12 @@ def cli_bench(argv: Sequence[str]) -> int:
     print(md)
     return 0
 
-# %% ../nbs/50_bench.ipynb #c049e6d0
+# %% ../nbs/50_bench.ipynb #c6206fe7
 APPROX_RANDOM_FEATURES = (16, 64, 256, 1024, 4096)   # M of performer / rff at each budget level
 APPROX_SLAY_SIZES = (4, 8, 16, 32, 64)               # P = M of the SLAY kinds at each budget level (F = R P M)
 APPROX_LEVELS, APPROX_LEVELS_QUICK = (0, 1, 2, 3, 4), (0, 2)
 APPROX_DRAWS, APPROX_DRAWS_QUICK = 5, 2
-APPROX_SHAPE = dict(batch=2, heads=2, length=64, head_dim=64)
+APPROX_SHAPE = dict(heads=2, length=64, head_dim=64)   # H, L, D of `kernels.approximation_error` (batch 1)
 
 def approx_params(kind: str, level: int) -> dict:
     "Feature sizes of `kind` at budget `level` (index into APPROX_RANDOM_FEATURES / APPROX_SLAY_SIZES)."
@@ -747,47 +747,12 @@ def approx_kinds() -> tuple[str, ...]:
     from minibert_lab.kernels import ATTENTION_TYPES, target_kernel
     return tuple(k for k in ATTENTION_TYPES if target_kernel(k) is not None)
 
-def target_attention(target: str, # "softmax", "gaussian" or "spherical-yat"
-                     q, k, v, # float64 numpy [B, H, L, D]
-                     params: Mapping, # the approximating kind's parameters (bandwidth, epsilon)
-                    ) -> np.ndarray:
-    "Float64 attention output `[B, H, L, D]` with the exact target kernel (normalised as weights)."
-    from minibert_lab.kernels import reference_attention
-    if target == "softmax": return reference_attention("standard", q, k, v)[0]
-    if target == "spherical-yat":
-        return reference_attention("yat-spherical", q, k, v, params=dict(epsilon=params["epsilon"], normalize="kernel"))[0]
-    if target == "gaussian":
-        u, w = q / q.shape[-1] ** 0.25, k / k.shape[-1] ** 0.25
-        d2 = ((u[..., :, None, :] - w[..., None, :, :]) ** 2).sum(-1)            # [B, H, L, L]
-        K = np.exp(-d2 / (2 * params["bandwidth"] ** 2))
-        return (K / K.sum(-1, keepdims=True)) @ v
-    raise ValueError(f"target={target!r} is invalid; allowed: 'softmax', 'gaussian', 'spherical-yat'")
-
-def approximation_error(kind: str, # an approximating kind
-                        seed: int = 0, # seed of the random features
-                        batch: int = APPROX_SHAPE["batch"], heads: int = APPROX_SHAPE["heads"],
-                        length: int = APPROX_SHAPE["length"], head_dim: int = APPROX_SHAPE["head_dim"],
-                        input_seed: int = 0, # seed of q, k, v
-                        **params, # the kind's parameters (defaults for the rest)
-                       ) -> float:
-    "Relative output error of `kind` against its target kernel on random inputs (float64, full matrices)."
-    from minibert_lab import kernels
-    target = kernels.target_kernel(kind)
-    if target is None: raise ValueError(f"kind={kind!r} has no target kernel; allowed: {', '.join(approx_kinds())}")
-    p = kernels.resolve_params(kind, params)
-    rng = np.random.default_rng(input_seed)
-    q, k = (rng.standard_normal((batch, heads, length, head_dim)) * head_dim ** -0.25 for _ in range(2))  # E|x/D^1/4|^2 = 1
-    v = rng.standard_normal((batch, heads, length, head_dim))
-    state = kernels.init_state(kind, heads, head_dim, seed, **p)
-    out = kernels.reference_attention(kind, q, k, v, state, params=p)[0]
-    ref = target_attention(target, q, k, v, p)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
 def _measure_approx(kind: str, level: int, device: str = "cpu", draws: int = APPROX_DRAWS, **shape) -> Case:
     from minibert_lab import kernels
-    p = approx_params(kind, level)
-    errs = [approximation_error(kind, seed=s, **p, **shape) for s in range(draws)]
-    F = kernels.feature_dim(kind, shape.get("head_dim", APPROX_SHAPE["head_dim"]), **p)
+    p, size = approx_params(kind, level), APPROX_SHAPE | shape
+    F = kernels.feature_dim(kind, size["head_dim"], **p)   # total feature budget per head
+    rest = {n: v for n, v in p.items() if n != "num_features"}
+    errs = [kernels.approximation_error(kind, F, seeds=(s,), **size, **rest) for s in range(draws)]   # one draw each
     return Case(info=dict(target=kernels.target_kernel(kind), params=" ".join(f"{k}={v}" for k, v in p.items()),
                           features=F, rel_error=float(np.mean(errs)), rel_error_std=float(np.std(errs)), draws=draws))
 

@@ -164,10 +164,18 @@ def test_mlm_batch_masks_the_fraction():
 
 
 def test_approx_errors_shrink_and_reject_exact_kinds():
-    res = bench.bench_approx(quick=True, kinds=("performer",), batch=1, heads=1, length=8, head_dim=8)
+    from minibert_lab import kernels
+    res = bench.bench_approx(quick=True, kinds=("performer",), heads=1, length=8, head_dim=8)
     e = [r["rel_error"] for r in res.rows]
     assert len(e) == 2 and e[1] < e[0] and all(np.isfinite(e))
-    with pytest.raises(ValueError, match="no target kernel"): bench.approximation_error("standard")
+    # each row is the reference kernels.approximation_error at the row's total feature budget, one call per draw
+    r = res.rows[1]
+    per_draw = [kernels.approximation_error("performer", r["features"], heads=1, length=8, head_dim=8, seeds=(s,))
+                for s in range(r["draws"])]
+    assert r["rel_error"] == pytest.approx(np.mean(per_draw)) and r["rel_error_std"] == pytest.approx(np.std(per_draw))
+    with pytest.raises(ValueError, match="no target kernel"): kernels.approximation_error("standard", 64)
+    bad = bench.bench_approx(quick=True, kinds=("standard",), heads=1, length=8, head_dim=8).rows   # recorded, not raised
+    assert bad and all(r.get("error", "").startswith("ValueError: kind='standard'") for r in bad)
 
 
 def test_render_committed_results():
