@@ -152,7 +152,7 @@ class AttentionConfig(ConfigBase):
             if getattr(self, k, None) is not None: out[k] = getattr(self, k)
         return out
 
-# %% ../nbs/00_config.ipynb #1e369de9
+# %% ../nbs/00_config.ipynb #9e7e30e5
 FAMILIES = ("minibert", "bert", "modernbert", "neobert")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
@@ -220,6 +220,13 @@ class ModelConfig(ConfigBase):
         _check_range(n, "init_std", self.init_std, 0, lo_open=True)
         if self.global_every > 1 and self.local_window is None:
             raise ValueError(f"ModelConfig.global_every={self.global_every} needs local_window; allowed: an integer >= 1")
+        if self.global_every > 1:
+            from minibert_lab.kernels import ATTENTION_TYPES, is_exact
+            if not is_exact(self.attention.kind):
+                exact = ", ".join(k for k in ATTENTION_TYPES if is_exact(k))
+                raise ValueError(f"ModelConfig.global_every={self.global_every} makes sliding-window local layers, but "
+                                 f"attention kind {self.attention.kind!r} runs in linear time without windows; allowed: "
+                                 f"global_every=1, or an exact kind ({exact})")
 
     @property
     def head_dim(self) -> int:

@@ -22,8 +22,8 @@ from .attention import build_attention, default_position_ids
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'PREDICTION_BUCKET', 'CE_CHUNK_ROWS', 'TRUNCATION_STDS', 'MODEL_AXIS', 'COLUMN_PARALLEL',
            'ROW_PARALLEL', 'VOCAB_PARALLEL', 'EAGER_JIT', 'make_norm', 'gelu_erf', 'gelu_tanh', 'activation_fn',
-           'FeedForward', 'Block', 'validate_inputs', 'check_window_kind', 'EncoderOutput', 'Embeddings', 'MiniBERT',
-           'MaskedLMOutput', 'prediction_bound', 'MLMHead', 'MiniBERTForMaskedLM']
+           'FeedForward', 'Block', 'validate_inputs', 'EncoderOutput', 'Embeddings', 'MiniBERT', 'MaskedLMOutput',
+           'prediction_bound', 'MLMHead', 'MiniBERTForMaskedLM']
 
 # %% ../../nbs/21_models.jax.ipynb #7c5648c5
 IGNORE_INDEX = -100          # label of a position that is not predicted
@@ -218,16 +218,7 @@ def _mlm_forward_jit(model, input_ids, attention_mask, labels, token_type_ids, p
     return model.forward(input_ids, attention_mask, labels, token_type_ids, position_ids, segment_ids,
                          output_attentions, output_hidden_states, num_predictions, return_logits)
 
-# %% ../../nbs/21_models.jax.ipynb #d02e432b
-def check_window_kind(cfg: ModelConfig):
-    "Sliding-window local layers need an exact (score) attention kind."
-    if cfg.global_every > 1:
-        from minibert_lab.kernels import is_exact
-        if not is_exact(cfg.attention.kind):
-            raise ValueError(f"ModelConfig.global_every={cfg.global_every} makes sliding-window local layers, but "
-                             f"attention kind {cfg.attention.kind!r} runs in linear time without windows; allowed: "
-                             f"global_every=1, or an exact kind (standard, rotary, yat, yat-spherical)")
-
+# %% ../../nbs/21_models.jax.ipynb #b310341e
 class EncoderOutput(NamedTuple):
     "What `MiniBERT` returns."
     last_hidden_state: jax.Array            # [B, L, dim], after the final norm
@@ -261,7 +252,6 @@ class MiniBERT(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, ModelConfig):
             raise ValueError(f"cfg={cfg!r} is invalid; allowed: a minibert_lab.config.ModelConfig")
-        check_window_kind(cfg)
         self.cfg = cfg
         with nnx.use_eager_sharding(_eager_sharding()):
             self.embeddings = Embeddings(cfg, rngs=rngs)

@@ -204,21 +204,13 @@ class Embeddings(nn.Module):
         if self.norm is not None: x = self.norm(x)
         return self.drop(x)
 
-# %% ../../nbs/20_models.torch.ipynb #efef8e0d
+# %% ../../nbs/20_models.torch.ipynb #af9a9059
 class EncoderOutput(NamedTuple):
     "What `MiniBERT` returns."
     last_hidden_state: torch.Tensor             # [B, L, dim] after the final norm
     pooler_output: torch.Tensor | None          # [B, dim] tanh(pooler(h[:, 0])) when the model has a pooler
     hidden_states: tuple | None                 # depth+1 tensors [B, L, dim]: embeddings, then every block
     attentions: tuple | None                    # depth tensors [B, H, L, L]
-
-def _check_window_kind(cfg: ModelConfig):
-    if cfg.global_every > 1:
-        from minibert_lab.kernels import is_exact
-        if not is_exact(cfg.attention.kind):
-            raise ValueError(f"ModelConfig.global_every={cfg.global_every} makes sliding-window local layers, but "
-                             f"attention kind {cfg.attention.kind!r} runs in linear time without windows; allowed: "
-                             f"global_every=1, or an exact kind (standard, rotary, yat, yat-spherical)")
 
 class Block(nn.Module):
     "One encoder layer: attention and FFN, each with a norm and residual dropout (pre- or post-norm)."
@@ -270,7 +262,6 @@ class MiniBERT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not isinstance(cfg, ModelConfig): raise ValueError(f"cfg is a {type(cfg).__name__}; allowed: a ModelConfig")
-        _check_window_kind(cfg)
         self.cfg = cfg
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.embeddings = Embeddings(cfg)
