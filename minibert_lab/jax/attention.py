@@ -104,7 +104,7 @@ class Attention(nnx.Module):
                  dim: int, # model width
                  heads: int, # number of heads
                  *, rngs: nnx.Rngs, # `params` and `dropout` streams
-                 **params, # the kind's parameters and `attention_spec.MODULE_PARAMS`
+                 **params, # the kind's parameters and `kernels.MODULE_PARAMS`
                 ):
         self.spec: AttentionSpec = attention_spec(kind, dim, heads, **params)
         s = self.spec

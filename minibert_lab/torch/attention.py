@@ -37,7 +37,7 @@ class Attention(nn.Module):
     def __init__(self, kind: str, # attention kind
                  dim: int, # model width
                  heads: int, # number of heads
-                 **params, # the kind's parameters and `attention_spec.MODULE_PARAMS`
+                 **params, # the kind's parameters and `kernels.MODULE_PARAMS`
                 ):
         super().__init__()
         self.spec: AttentionSpec = attention_spec(kind, dim, heads, **params)
