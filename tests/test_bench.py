@@ -1,4 +1,4 @@
-"Benchmark harness: timing statistics, peak memory, analytic FLOPs against torch's FLOP counter, JSON/markdown, CLI."
+"Benchmarks: the harness (timing, peak memory, analytic FLOPs against torch's FLOP counter, JSON/markdown), the tables, the CLI."
 import json, math
 
 import numpy as np
@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from minibert_lab import bench
-from minibert_lab.cli import main
+from minibert_lab import kernels
+from minibert_lab.bench import harness
+from minibert_lab.bench import approx as bench_approx_mod, attention, models, quality
+from minibert_lab.bench.cli import cli_bench
 
 B, L, DIM, H, F = 3, 7, 16, 2, 5   # tiny, odd sizes
 V_TINY = 99
@@ -21,22 +23,22 @@ def counted_flops(fn) -> int:
 
 
 def test_median_and_iqr():
-    t = bench.summarize_times([5.0, 1.0, 3.0, 2.0, 4.0])
+    t = harness.summarize_times([5.0, 1.0, 3.0, 2.0, 4.0])
     assert t.median == 3.0 and t.iqr == 2.0 and t.best == 1.0
-    with pytest.raises(ValueError, match="times="): bench.summarize_times([])
+    with pytest.raises(ValueError, match="times="): harness.summarize_times([])
 
 
 def test_time_fn_counts_warmup_apart():
     calls = []
     ticks = iter(np.arange(0.0, 100.0, 0.5))
-    t = bench.time_fn(lambda: calls.append(1), repeats=4, warmup=3, clock=lambda: float(next(ticks)))
+    t = harness.time_fn(lambda: calls.append(1), repeats=4, warmup=3, clock=lambda: float(next(ticks)))
     assert len(calls) == 7 and t.times == (0.5,) * 4
-    with pytest.raises(ValueError, match="warmup=-1"): bench.time_fn(lambda: None, warmup=-1)
+    with pytest.raises(ValueError, match="warmup=-1"): harness.time_fn(lambda: None, warmup=-1)
 
 
 def test_matmul_flops_match_torch_counter():
     a, b = torch.randn(B * L, DIM), torch.randn(DIM, F)
-    assert bench.matmul_flops(B * L, DIM, F) == counted_flops(lambda: a @ b)
+    assert harness.matmul_flops(B * L, DIM, F) == counted_flops(lambda: a @ b)
 
 
 def test_exact_attention_flops_match_torch_counter():
@@ -49,9 +51,9 @@ def test_exact_attention_flops_match_torch_counter():
         q, k, v = (heads(p(x)) for p in proj[:3])
         w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1)      # [B, H, L, L]
         return proj[3]((w @ v).transpose(1, 2).reshape(B, L, DIM))          # [B, L, DIM]
-    assert counted_flops(fwd) == bench.attention_flops(B, L, DIM, H)
+    assert counted_flops(fwd) == harness.attention_flops(B, L, DIM, H)
     # backward: two products per forward product (input and weight gradients; x requires grad), so 3x in all
-    assert counted_flops(lambda: fwd().sum().backward()) == bench.attention_flops(B, L, DIM, H, backward=True)
+    assert counted_flops(lambda: fwd().sum().backward()) == harness.attention_flops(B, L, DIM, H, backward=True)
 
 
 def test_linear_attention_flops_match_torch_counter():
@@ -64,7 +66,7 @@ def test_linear_attention_flops_match_torch_counter():
         kv = fk.transpose(-1, -2) @ v                                       # [B, H, F, D]
         z = fk.transpose(-1, -2) @ torch.ones(B, H, L, 1)                   # [B, H, F, 1]
         return (fq @ kv) / (fq @ z)                                         # [B, H, L, D]
-    assert counted_flops(fwd) == bench.attention_flops(B, L, DIM, H, features=F, map_width=F, projections=False)
+    assert counted_flops(fwd) == harness.attention_flops(B, L, DIM, H, features=F, map_width=F, projections=False)
 
 
 def test_torch_peak_memory_of_known_allocations():
@@ -72,25 +74,25 @@ def test_torch_peak_memory_of_known_allocations():
     def fn():
         a = x @ x; b = x @ x; c = x @ x          # three 16 KiB buffers alive together
         return a, b, c
-    assert abs(bench.torch_peak_memory(fn) - 3 * 64 * 64 * F32) <= 64
-    assert bench.torch_peak_memory(lambda: None) == 0
+    assert abs(harness.torch_peak_memory(fn) - 3 * 64 * 64 * F32) <= 64
+    assert harness.torch_peak_memory(lambda: None) == 0
 
 
 def test_jax_peak_memory_of_known_program():
     import jax, jax.numpy as jnp
     n = 32
     c = jax.jit(lambda a: jnp.tanh(a @ a) @ a).lower(jnp.ones((n, n))).compile()
-    assert bench.jax_peak_memory(c) == 2 * n * n * F32       # one temporary, one output
+    assert harness.jax_peak_memory(c) == 2 * n * n * F32       # one temporary, one output
 
 
 def test_sweep_result_round_trip_and_markdown(tmp_path):
-    res = bench.run_sweep(bench.Sweep("m", {"n": (8, 16)}, bench._measure_matmul, repeats=2, warmup=0),
+    res = harness.run_sweep(harness.Sweep("m", {"n": (8, 16)}, harness._measure_matmul, repeats=2, warmup=0),
                           peaks={"torch": 1e9})
     assert [r["n"] for r in res.rows] == [8, 16]
     assert all(r["median_s"] > 0 and r["memory_method"] == "torch-profiler" for r in res.rows)
     assert res.rows[1]["gflop"] == pytest.approx(2 * 16 ** 3 / 1e9)
     assert res.rows[1]["peak_fraction"] == pytest.approx(res.rows[1]["gflop_s"] * 1e9 / 1e9)
-    back = bench.SweepResult.from_json(res.to_json(tmp_path / "m.json"))
+    back = harness.SweepResult.from_json(res.to_json(tmp_path / "m.json"))
     assert back.rows == json.loads((tmp_path / "m.json").read_text())["rows"]
     assert {"cpu", "cores", "versions", "date", "python"} <= set(back.meta)
     md = res.to_markdown(["n", "median_s"])
@@ -102,70 +104,118 @@ def test_crossover_lengths():
             for n, t in ((64, 1.0), (128, 4.0), (256, 16.0))]
     rows += [dict(kind="linear", exact=False, framework="torch", causal=False, length=n, median_s=t)
              for n, t in ((64, 3.0), (128, 3.5), (256, 4.0))]
-    (c,) = bench.crossover_lengths(rows)
+    (c,) = attention.crossover_lengths(rows)
     assert c["crossover_length"] == 128 and c["speedup_at_longest"] == pytest.approx(4.0)
     rows[3]["median_s"] = 0.5      # also faster at 64: the crossover moves down to 64
-    (c,) = bench.crossover_lengths(rows)
+    (c,) = attention.crossover_lengths(rows)
     assert c["crossover_length"] == 64
     rows[4]["median_s"] = 5.0      # faster at 64 (noise) but slower at 128: only 256 onwards counts
-    (c,) = bench.crossover_lengths(rows)
+    (c,) = attention.crossover_lengths(rows)
     assert c["crossover_length"] == 256
 
 
 def test_exact_kinds_skip_over_budget():
-    assert bench.exact_score_bytes(1, 4, 1024) == 3 * 4 * 1024 * 1024 * F32
+    assert attention.exact_score_bytes(1, 4, 1024) == 3 * 4 * 1024 * 1024 * F32
 
 
 def test_cli_bench_matmul(tmp_path, capsys):
-    assert main(["bench", "matmul", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    assert cli_bench(["matmul", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     assert "| n |" in capsys.readouterr().out
     assert json.loads((tmp_path / "matmul.json").read_text())["name"] == "matmul"
 
 
 def test_cli_bench_rejects_unknown_name_and_device():
-    for argv in (["bench", "nope"], ["bench", "matmul", "--device", "tpu"]):
-        with pytest.raises(SystemExit) as e: main(argv)
+    for argv in (["nope"], ["matmul", "--device", "tpu"]):
+        with pytest.raises(SystemExit) as e: cli_bench(argv)
         assert e.value.code == 2
+
+
+def test_cli_bench_rejects_unknown_kind_before_any_work(capsys, monkeypatch):
+    "`--kind bogus` exits 2 naming the argument, the value and the registered kinds; nothing is run."
+    from minibert_lab.bench import harness as h
+    monkeypatch.setattr(h, "run_sweep", lambda *a, **k: pytest.fail("a sweep ran"))
+    monkeypatch.setattr(h, "matmul_peak", lambda *a, **k: pytest.fail("the peak probe ran"))
+    with pytest.raises(SystemExit) as e: cli_bench(["attention", "--kind", "bogus", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--kind" in err and "'bogus'" in err
+    assert all(k in err for k in kernels.KERNELS)        # the allowed kinds, from the registry
+
+
+TOY_KINDS = """
+import dataclasses
+from minibert_lab import kernels
+kernels.register_kind(dataclasses.replace(kernels.get_kind("linear"), name="toy-linear"))
+"""
+
+
+@pytest.fixture
+def toy_kind_file(tmp_path):
+    path = tmp_path / "toy_kinds.py"
+    path.write_text(TOY_KINDS)
+    yield path
+    kernels.KERNELS.pop("toy-linear", None)               # leave the registry as other tests expect it
+
+
+def test_cli_bench_import_registers_a_user_kind(toy_kind_file, tmp_path, capsys):
+    "Without `--import` the user's kind is unknown; with it, `--kind toy-linear` runs the attention table."
+    with pytest.raises(SystemExit) as e: cli_bench(["attention", "--kind", "toy-linear", "--quiet"])
+    assert e.value.code == 2 and "'toy-linear'" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert cli_bench(["attention", "--import", str(toy_kind_file), "--kind", "toy-linear", "--framework", "torch",
+                      "--quick", "--quiet", "--out", str(out)]) == 0
+    rows = json.loads((out / "attention.json").read_text())["rows"]
+    assert rows and {r["kind"] for r in rows} == {"toy-linear"}
+    # the sweep reached the kind's module at every point: timed, or the module's own error (torch `build_attention`
+    # still checks the frozen `ATTENTION_TYPES`, not the registry); never the CLI's refusal
+    assert all("median_s" in r or r["error"].startswith("ValueError: build_attention") for r in rows), rows
+
+
+def test_cli_bench_import_errors_name_the_argument(capsys):
+    for spec in ("no_such_module_xyz", "/no/such/file.py"):
+        with pytest.raises(SystemExit) as e: cli_bench(["matmul", "--import", spec])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--import" in err and spec in err
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_attention_case_runs_and_measures(framework):
-    c = bench.attention_case("slay", 16, framework, True, dim=16, heads=2)
+    c = attention.attention_case("slay", 16, framework, True, dim=16, heads=2)
     c.run()
     assert c.memory() > 0 and c.info["features"] == 2 * 16 * 32
     # analytic FLOPs include the SLAY feature-map projections: R*M PRF columns + P anchors per role
-    assert c.flops == bench.attention_flops(1, 16, 16, 2, features=1024, map_width=2 * 32 + 16, backward=True)
+    assert c.flops == harness.attention_flops(1, 16, 16, 2, features=1024, map_width=2 * 32 + 16, backward=True)
 
 
 def test_models_sweep_tiny_interleaved():
     import dataclasses
-    sw = dataclasses.replace(bench.MODELS_SWEEP, repeats=2, warmup=1)
-    res = bench.run_sweep(sw, peaks={"torch": 1e10}, interleave=True, dim=16, depth=1, heads=2, ffn_dim=32,
+    sw = dataclasses.replace(models.MODELS_SWEEP, repeats=2, warmup=1)
+    res = harness.run_sweep(sw, peaks={"torch": 1e10}, interleave=True, dim=16, depth=1, heads=2, ffn_dim=32,
                           vocab_size=V_TINY, max_len=16, batch=B, length=8)
-    t = bench.models_table(res)
-    assert [r["model"] for r in t] == list(bench.MODEL_NAMES) and t[0]["speedup"] == 1.0
+    t = models.models_table(res)
+    assert [r["model"] for r in t] == list(models.MODEL_NAMES) and t[0]["speedup"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in t)
-    md, figs = bench.models_report(res)
+    md, figs = models.models_report(res)
     assert "minibert-bert" in md and len(figs) == 1
 
 
 def test_hf_config_matches_minibert_bert_parameter_count():
     from transformers import BertForMaskedLM
     from minibert_lab.torch.models import MiniBERTForMaskedLM
-    cfg = bench.model_bench_config("minibert-bert", dim=16, heads=2, ffn_dim=32, vocab_size=V_TINY, max_len=16, depth=1)
+    cfg = models.model_bench_config("minibert-bert", dim=16, heads=2, ffn_dim=32, vocab_size=V_TINY, max_len=16, depth=1)
     n = lambda m: sum(p.numel() for p in m.parameters())
-    assert n(MiniBERTForMaskedLM(cfg)) == n(BertForMaskedLM(bench.hf_bert_config(cfg)))
+    assert n(MiniBERTForMaskedLM(cfg)) == n(BertForMaskedLM(models.hf_bert_config(cfg)))
 
 
 def test_mlm_batch_masks_the_fraction():
-    b = bench.mlm_batch(4, 50, 99, seed=1)
+    b = models.mlm_batch(4, 50, 99, seed=1)
     assert (b["labels"] != -100).sum() == round(0.15 * 200)
     assert ((b["labels"] == b["input_ids"]) | (b["labels"] == -100)).all()
 
 
 def test_approx_errors_shrink_and_reject_exact_kinds():
-    from minibert_lab import kernels
-    res = bench.bench_approx(quick=True, kinds=("performer",), heads=1, length=8, head_dim=8)
+    res = bench_approx_mod.bench_approx(quick=True, kinds=("performer",), heads=1, length=8, head_dim=8)
     e = [r["rel_error"] for r in res.rows]
     assert len(e) == 2 and e[1] < e[0] and all(np.isfinite(e))
     # each row is the reference kernels.approximation_error at the row's total feature budget, one call per draw
@@ -174,8 +224,19 @@ def test_approx_errors_shrink_and_reject_exact_kinds():
                 for s in range(r["draws"])]
     assert r["rel_error"] == pytest.approx(np.mean(per_draw)) and r["rel_error_std"] == pytest.approx(np.std(per_draw))
     with pytest.raises(ValueError, match="no target kernel"): kernels.approximation_error("standard", 64)
-    bad = bench.bench_approx(quick=True, kinds=("standard",), heads=1, length=8, head_dim=8).rows   # recorded, not raised
+    bad = bench_approx_mod.bench_approx(quick=True, kinds=("standard",), heads=1, length=8, head_dim=8).rows   # recorded, not raised
     assert bad and all(r.get("error", "").startswith("ValueError: kind='standard'") for r in bad)
+
+
+def test_approx_is_the_kernels_table():
+    "One table: the benchmark's budgets are kernels.APPROX_BUDGETS and its means are kernels.approximation_table."
+    kw = dict(heads=1, length=8, head_dim=8, seeds=(0, 1))
+    res = bench_approx_mod.bench_approx(kinds=("rff", "slay-anchor"), **kw)
+    ref = kernels.approximation_table(kinds=["rff", "slay-anchor"], **kw)
+    assert [r["features"] for r in res.rows] == list(kernels.APPROX_BUDGETS) * 2
+    for r in res.rows:
+        assert r["rel_error"] == pytest.approx(ref.loc[r["kind"], r["budget"]], rel=1e-12)
+        assert r["features"] == kernels.feature_dim(r["kind"], 8, **kernels.budget_params(r["kind"], r["budget"]))
 
 
 def test_render_committed_results():
@@ -183,15 +244,15 @@ def test_render_committed_results():
     from pathlib import Path
     root = Path(__file__).parents[1] / "nbs" / "bench_results"
     for name, files in (("attention", ["attention-cpu", "attention-cuda"]), ("models", ["models-cpu", "models-cuda"]),
-                        ("approx", ["approx"])):
+                        ("approx", ["approx"]), ("quality", ["quality"])):
         for f in files:
-            md, figs = bench.render_benchmark(name, bench.SweepResult.from_json(root / f"{f}.json"))
+            md, figs = harness.render_benchmark(name, harness.SweepResult.from_json(root / f"{f}.json"))
             assert md.startswith(f"## `{name}`") and "Machine:" in md and figs
 
 
 @pytest.mark.slow
 def test_quality_tiny_run():
-    res = bench.bench_quality(kinds=("standard", "linear"), seeds=(0,), steps=2, batch_size=2)
+    res = quality.bench_quality(kinds=("standard", "linear"), seeds=(0,), steps=2, batch_size=2)
     t = res.meta["table"]
     assert {r["kind"] for r in t} == {"standard", "linear"}
     assert all(np.isfinite(r["val_loss"]) and r["tokens"] == 2 * 2 * 128 for r in t)
