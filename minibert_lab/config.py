@@ -15,9 +15,12 @@ from .kernels.core import (ATTENTION_TYPES, DEFAULT_CHUNK_SIZE, KERNELS, MODULE_
                                        is_exact, kind_flops, max_position, resolve_params)
 
 # %% auto #0
-__all__ = ['FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS', 'ConfigBase',
-           'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig', 'TrainConfig',
-           'ExperimentConfig', 'parse_overrides']
+__all__ = ['IGNORE_INDEX', 'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS',
+           'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig',
+           'TrainConfig', 'ExperimentConfig', 'parse_overrides']
+
+# %% ../nbs/00_config.ipynb #f6a7350c
+IGNORE_INDEX = -100  # label of a position that is not predicted (Hugging Face's convention, `torch.nn.CrossEntropyLoss`'s default)
 
 # %% ../nbs/00_config.ipynb #cc21a6a6
 def _fail(cls, name, value, allowed):
