@@ -225,36 +225,22 @@ def _padded_copy(x, am, extra):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_padding_invariance(kind, causal):
-    """Changing pad content and pad length leaves real positions unchanged (JAX: pad content at the same length;
-    a new length compiles every op again in eager JAX, so that sweep is slow)."""
+    """Appending 0 or 3 pads with new random content leaves every real position unchanged, in torch and in JAX (a kind
+    whose constants followed the current length, as cosformer's position range once did, fails here)."""
     tm, jm = pair(kind)
     x, kw = inputs("masked")
     am = kw["attention_mask"]
     real = am.astype(bool)
     with torch.no_grad():
         a = tm(torch.from_numpy(x), attention_mask=torch.from_numpy(am), causal=causal).numpy()
-        for extra in (0, 3):
-            x2, am2 = _padded_copy(x, am, extra)
+    aj = np.asarray(jm(jnp.asarray(x), attention_mask=jnp.asarray(am), causal=causal))
+    for extra in (0, 3):
+        x2, am2 = _padded_copy(x, am, extra)
+        with torch.no_grad():
             b = tm(torch.from_numpy(x2), attention_mask=torch.from_numpy(am2), causal=causal).numpy()[:, :L]
-            assert rel_err(b[real], a[real]) < RTOL * cond(kind), extra
-    x2, _ = _padded_copy(x, am, 0)
-    a = np.asarray(jm(jnp.asarray(x), attention_mask=jnp.asarray(am), causal=causal))
-    b = np.asarray(jm(jnp.asarray(x2), attention_mask=jnp.asarray(am), causal=causal))
-    assert rel_err(b[real], a[real]) < RTOL * cond(kind)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_padding_length_invariance_jax(kind, causal):
-    tm, jm = pair(kind)
-    x, kw = inputs("masked")
-    am = kw["attention_mask"]
-    real = am.astype(bool)
-    x2, am2 = _padded_copy(x, am, 3)
-    a = np.asarray(jm(jnp.asarray(x), attention_mask=jnp.asarray(am), causal=causal))
-    b = np.asarray(jm(jnp.asarray(x2), attention_mask=jnp.asarray(am2), causal=causal))[:, :L]
-    assert rel_err(b[real], a[real]) < RTOL * cond(kind)
+        assert rel_err(b[real], a[real]) < RTOL * cond(kind), ("torch", extra)
+        bj = np.asarray(jm(jnp.asarray(x2), attention_mask=jnp.asarray(am2), causal=causal))[:, :L]
+        assert rel_err(bj[real], aj[real]) < RTOL * cond(kind), ("jax", extra)
 
 
 @pytest.mark.parametrize("kind", KINDS)
