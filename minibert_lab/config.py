@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 # %% auto #0
-__all__ = ['ATTENTION_PARAM_FIELDS', 'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES',
-           'FAMILY_DEFAULTS', 'ConfigBase', 'attention_types', 'attention_kind_params', 'AttentionConfig',
-           'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig', 'TrainConfig', 'ExperimentConfig',
-           'parse_overrides']
+__all__ = ['ATTENTION_PARAM_FIELDS', 'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'IGNORE_INDEX',
+           'CE_CHUNK_ROWS', 'INIT_TRUNCATION_STDS', 'SIZES', 'FAMILY_DEFAULTS', 'ConfigBase', 'attention_types',
+           'attention_kind_params', 'AttentionConfig', 'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig',
+           'TrainConfig', 'ExperimentConfig', 'parse_overrides']
 
 # %% ../nbs/00_config.ipynb #cc21a6a6
 def _fail(cls, name, value, allowed):
@@ -256,6 +256,11 @@ class ModelConfig(ConfigBase):
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         "Named preset (`tiny`, `mini`, `small`, `base`, optionally `FAMILY-SIZE`), with field overrides."
         return cls.from_dict(_merge(preset_dict(name), overrides))
+
+# %% ../nbs/00_config.ipynb #46b3d839
+IGNORE_INDEX = -100          # label of a position that is not predicted (Hugging Face's convention)
+CE_CHUNK_ROWS = 4096         # predicted rows per chunk of the sparse cross-entropy (bounds the logits held at once)
+INIT_TRUNCATION_STDS = 2.0   # truncated-normal initialisation is cut at this many standard deviations
 
 # %% ../nbs/00_config.ipynb #2f954ab3
 SIZES = {
