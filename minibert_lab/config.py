@@ -15,12 +15,15 @@ from .kernels.core import (ATTENTION_TYPES, DEFAULT_CHUNK_SIZE, KERNELS, MODULE_
                                        is_exact, kind_flops, max_position, resolve_params)
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS',
-           'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig',
-           'TrainConfig', 'ExperimentConfig', 'parse_overrides']
+__all__ = ['IGNORE_INDEX', 'CE_CHUNK_ROWS', 'INIT_TRUNCATION_STDS', 'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS',
+           'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS', 'ConfigBase', 'KindParams', 'AttentionConfig',
+           'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig', 'TrainConfig', 'ExperimentConfig',
+           'parse_overrides']
 
 # %% ../nbs/00_config.ipynb #f6a7350c
 IGNORE_INDEX = -100  # label of a position that is not predicted (Hugging Face's convention, `torch.nn.CrossEntropyLoss`'s default)
+CE_CHUNK_ROWS = 4096         # predicted rows per chunk of the sparse cross-entropy (bounds the logits held at once)
+INIT_TRUNCATION_STDS = 2.0   # truncated-normal initialisation is cut at this many standard deviations
 
 # %% ../nbs/00_config.ipynb #cc21a6a6
 def _fail(cls, name, value, allowed):

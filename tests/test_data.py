@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from minibert_lab.config import DataConfig
-from minibert_lab.data import (CACHE_ENV, IGNORE_INDEX, SPLITS, VALIDATION_STREAM, MLMCollator, MLMLoader,
+from minibert_lab.config import IGNORE_INDEX
+from minibert_lab.data import (CACHE_ENV, SPLITS, VALIDATION_STREAM, MLMCollator, MLMLoader,
                                build_data, encode_texts, fixed_batches, load_corpus, load_tokenizer,
                                pack_chunks, packing_efficiency, split_works)
 

@@ -7,7 +7,8 @@ from flax import nnx
 
 from minibert_lab.config import ModelConfig
 from minibert_lab.kernels import ATTENTION_TYPES
-from minibert_lab.jax.models import IGNORE_INDEX, MiniBERTForMaskedLM, COLUMN_PARALLEL, ROW_PARALLEL
+from minibert_lab.config import IGNORE_INDEX
+from minibert_lab.jax.models import MiniBERTForMaskedLM, COLUMN_PARALLEL, ROW_PARALLEL
 
 B, L, VOCAB = 3, 7, 99
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from minibert_lab.config import ModelConfig
 from minibert_lab.kernels import ATTENTION_TYPES, is_exact
-from minibert_lab.torch.models import (CE_CHUNK_SIZE, IGNORE_INDEX, MaskedLMOutput, MiniBERT, MiniBERTForMaskedLM,
+from minibert_lab.config import CE_CHUNK_ROWS, IGNORE_INDEX
+from minibert_lab.torch.models import (MaskedLMOutput, MiniBERT, MiniBERTForMaskedLM,
                                        chunked_cross_entropy)
 
 FAMILIES = ("minibert", "bert", "modernbert", "neobert")
@@ -107,7 +108,7 @@ def test_chunked_cross_entropy_function():
     h, w = torch.randn(11, 5, dtype=torch.float64), torch.randn(13, 5, dtype=torch.float64)
     y = torch.randint(0, 13, (11,)); y[3] = IGNORE_INDEX
     ref = F.cross_entropy(h @ w.T, y, ignore_index=IGNORE_INDEX, reduction="sum")
-    for c in (1, 4, CE_CHUNK_SIZE):
+    for c in (1, 4, CE_CHUNK_ROWS):
         torch.testing.assert_close(chunked_cross_entropy(h, y, lambda t: t @ w.T, c), ref)
     with pytest.raises(ValueError, match="chunk_size"): chunked_cross_entropy(h, y, lambda t: t @ w.T, 0)
 

@@ -6,6 +6,7 @@ import pytest
 from minibert_lab.cli import main
 from minibert_lab.config import ExperimentConfig
 from minibert_lab import train as T
+from minibert_lab import pretrain as P
 
 ROOT = Path(__file__).resolve().parents[1]
 # a very small model and data pipeline: every test here runs in seconds on 2 CPU cores
@@ -23,7 +24,7 @@ def small_cfg(framework="torch", **over):
 @pytest.fixture(scope="module")
 def data_and_cfg():
     cfg = small_cfg()
-    data, cfg = T.prepare_data(cfg)
+    data, cfg = P.prepare_data(cfg)
     batches = [b for b, _ in zip(data.train, range(4))]
     return data, cfg, batches
 
@@ -64,7 +65,7 @@ def test_loss_decreases_on_fixed_batch(data_and_cfg, framework):
     "Repeated steps on one batch drive its loss down."
     _, cfg, batches = data_and_cfg
     cfg = cfg.override({"train.framework": framework, "train.lr": 3e-3, "train.warmup_steps": 0, "train.steps": 30})
-    be = T.make_backend(cfg)
+    be = P.make_backend(cfg)
     ls = [be.train_step([batches[0]])["loss"] for _ in range(30)]
     assert ls[-1] < 0.7 * ls[0], ls
 
@@ -108,7 +109,7 @@ def test_schedule_torch_equals_jax(data_and_cfg):
     cfg = cfg.override({"train.warmup_steps": 3, "train.steps": 8, "train.min_lr_ratio": 0.2})
     lrs = {}
     for fw in ("torch", "jax"):
-        be = T.make_backend(cfg.override({"train.framework": fw}))
+        be = P.make_backend(cfg.override({"train.framework": fw}))
         lrs[fw] = [be.train_step([batches[s % len(batches)]])["lr"] for s in range(10)]
     np.testing.assert_allclose(lrs["torch"], lrs["jax"], rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(lrs["torch"], [float(T.make_schedule(cfg.train)(s)) for s in range(10)], rtol=1e-12)
@@ -160,13 +161,13 @@ def test_truncated_checkpoint_is_skipped(tmp_path, data_and_cfg):
     "Resume skips a truncated newest checkpoint (with a warning) and continues from the previous one."
     data, cfg, _ = data_and_cfg
     cfg = cfg.override({"train.steps": 4, "train.save_every": 2, "train.eval_every": 100, "train.log_every": 1})
-    T.fit(T.make_backend(cfg), cfg, data.train, data.validation, tmp_path, progress=False)
+    T.fit(P.make_backend(cfg), cfg, data.train, data.validation, tmp_path, progress=False)
     ref = losses(tmp_path)
     w = T.checkpoint_path(tmp_path, 4) / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    data2, _ = T.prepare_data(cfg)
+    data2, _ = P.prepare_data(cfg)
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000004"):
-        res = T.fit(T.make_backend(cfg), cfg, data2.train, data2.validation, tmp_path, resume=True, progress=False)
+        res = T.fit(P.make_backend(cfg), cfg, data2.train, data2.validation, tmp_path, resume=True, progress=False)
     assert res.step == 4 and losses(tmp_path) == ref
 
 
@@ -185,10 +186,10 @@ def test_nan_loss_stops_or_restores(tmp_path, data_and_cfg):
     bad = cfg.override({"train.lr": 1e30, "train.warmup_steps": 0, "train.grad_clip": None, "train.steps": 20,
                         "train.save_every": 1, "train.eval_every": 100})
     with pytest.raises(T.NonFiniteLossError, match=r"at step \d+"):
-        T.fit(T.make_backend(bad), bad, data.train, data.validation, tmp_path / "stop", progress=False)
+        T.fit(P.make_backend(bad), bad, data.train, data.validation, tmp_path / "stop", progress=False)
     bad = bad.override({"train.on_nan": "restore"})
     with pytest.warns(UserWarning, match="restoring step_"), pytest.raises(T.NonFiniteLossError):
-        T.fit(T.make_backend(bad), bad, data.train, data.validation, tmp_path / "restore", progress=False)
+        T.fit(P.make_backend(bad), bad, data.train, data.validation, tmp_path / "restore", progress=False)
 
 
 def test_early_stopping(tmp_path, data_and_cfg):
@@ -196,7 +197,7 @@ def test_early_stopping(tmp_path, data_and_cfg):
     data, cfg, _ = data_and_cfg
     c = cfg.override({"train.steps": 40, "train.eval_every": 2, "train.patience": 1, "train.lr": 1e-12,
                       "train.warmup_steps": 0})
-    res = T.fit(T.make_backend(c), c, data.train, data.validation, tmp_path, progress=False)
+    res = T.fit(P.make_backend(c), c, data.train, data.validation, tmp_path, progress=False)
     assert res.stopped == "early_stopping" and res.step < 40
     assert T.latest_checkpoint(tmp_path).name == f"step_{res.step:08d}"
 
@@ -206,9 +207,9 @@ def test_bf16_and_gradient_checkpointing(data_and_cfg, framework):
     "bf16 mixed precision stays close to fp32; gradient checkpointing gives the same loss as storing activations."
     _, cfg, batches = data_and_cfg
     cfg = cfg.override({"train.framework": framework})
-    ref = T.make_backend(cfg).train_step([batches[0]])
-    bf16 = T.make_backend(cfg.override({"train.precision": "bf16"})).train_step([batches[0]])
-    remat = T.make_backend(cfg.override({"model.gradient_checkpointing": True})).train_step([batches[0]])
+    ref = P.make_backend(cfg).train_step([batches[0]])
+    bf16 = P.make_backend(cfg.override({"train.precision": "bf16"})).train_step([batches[0]])
+    remat = P.make_backend(cfg.override({"model.gradient_checkpointing": True})).train_step([batches[0]])
     assert math.isfinite(bf16["loss"]) and bf16["loss"] == pytest.approx(ref["loss"], rel=2e-2)
     assert remat["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert remat["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
@@ -217,8 +218,8 @@ def test_bf16_and_gradient_checkpointing(data_and_cfg, framework):
 @pytest.mark.slow
 def test_torch_compile_matches_eager(data_and_cfg):
     _, cfg, batches = data_and_cfg
-    eager = T.make_backend(cfg)
-    compiled = T.make_backend(cfg.override({"train.compile": True}))
+    eager = P.make_backend(cfg)
+    compiled = P.make_backend(cfg.override({"train.compile": True}))
     for b in batches[:2]:
         a, c = eager.train_step([b]), compiled.train_step([b])
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-4)

@@ -13,13 +13,13 @@ SMALL = ["--model.dim", "32", "--model.heads", "4", "--model.ffn_dim", "64", "--
 MESH_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     from minibert_lab.config import ExperimentConfig
-    from minibert_lab import train as T
+    from minibert_lab import pretrain as P
     from minibert_lab.jax.train import JaxBackend, make_mesh
     assert jax.device_count() == 8, jax.devices()
     cfg = ExperimentConfig.preset("tiny").override({"model.dim": 32, "model.heads": 4, "model.ffn_dim": 64,
         "model.depth": 1, "data.vocab_size": 512, "data.seq_len": 32, "data.batch_size": 8, "model.dropout": 0.0,
         "train.framework": "jax", "train.warmup_steps": 0, "train.lr": 3e-3, "train.mesh_model": 2})
-    data, cfg = T.prepare_data(cfg)
+    data, cfg = P.prepare_data(cfg)
     batches = [b for b, _ in zip(data.train, range(3))]
     out = {}
     for name, mesh in (("mesh", make_mesh(2)), ("single", make_mesh(1, devices=jax.devices()[:1]))):

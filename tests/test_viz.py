@@ -8,6 +8,7 @@ import torch
 from minibert_lab import viz
 from minibert_lab.cli import main
 from minibert_lab.config import ModelConfig
+from minibert_lab.train import read_metrics
 
 B, L, V = 3, 7, 99
 
@@ -23,11 +24,13 @@ def test_training_curves_from_run_folders(tmp_path):
         recs = [dict(step=s, loss=5.0 - s / 10 - r) for s in range(1, 11)] + [dict(step=10, val_loss=4.0 - r)]
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in recs) + "\n")
         runs[d.name] = d
+    runs = {name: read_metrics(d) for name, d in runs.items()}                       # viz draws records; train reads them
     fig = viz.training_curves(runs)
     assert [t.name for t in fig.data] == ["run0", "run0", "run1", "run1"]           # loss, val_loss per run
     assert list(fig.data[0].y) == pytest.approx([5.0 - s / 10 for s in range(1, 11)])
     assert list(fig.data[3].y) == [3.0]
     with pytest.raises(ValueError, match="metrics"): viz.training_curves(runs, metrics=[])
+    with pytest.raises(ValueError, match="read_metrics"): viz.training_curves({"run0": tmp_path / "run0"})
 
 
 def test_write_html_inlines_plotly_once(tmp_path):

@@ -19,9 +19,9 @@ from ..config import GATED_ACTIVATIONS
 __all__ = ['DEVICES', 'FRAMEWORKS', 'MEMORY_METHODS', 'FWD_BWD_FACTOR', 'PEAK_MATMUL_SIZE', 'MAX_ERROR_CHARS', 'MATMUL_SWEEP',
            'BENCHMARKS', 'cpu_model', 'machine_info', 'Timing', 'summarize_times', 'time_fn', 'torch_sync', 'jax_sync',
            'torch_peak_memory', 'jax_peak_memory', 'matmul_flops', 'attention_flops', 'model_train_flops',
-           'matmul_peak', 'Case', 'Sweep', 'SweepResult', 'markdown_table', 'interleaved_times', 'run_sweep',
-           'Benchmark', 'register_benchmark', 'get_benchmark', 'matmul_report', 'bench_matmul', 'render_benchmark',
-           'run_benchmark']
+           'model_flops_per_token', 'matmul_peak', 'Case', 'Sweep', 'SweepResult', 'markdown_table',
+           'interleaved_times', 'run_sweep', 'Benchmark', 'register_benchmark', 'get_benchmark', 'matmul_report',
+           'bench_matmul', 'render_benchmark', 'run_benchmark']
 
 # %% ../../nbs/50_bench.ipynb #32595007
 DEVICES = ("cpu", "cuda")
@@ -143,7 +143,7 @@ def jax_peak_memory(compiled) -> int:
     if m is None: raise ValueError("compiled.memory_analysis() returned None; this backend does not report memory")
     return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
-# %% ../../nbs/50_bench.ipynb #83d670ec
+# %% ../../nbs/50_bench.ipynb #fa314b4d
 FWD_BWD_FACTOR = 3  # backward = 2 x forward FLOPs
 
 def matmul_flops(m: int, k: int, n: int) -> int:
@@ -173,6 +173,13 @@ def model_train_flops(cfg, # a `ModelConfig`
     ffn = (3 if cfg.activation in GATED_ACTIVATIONS else 2) * matmul_flops(tokens, cfg.dim, cfg.ffn_dim)
     head = matmul_flops(predicted, cfg.dim, cfg.vocab_size) + (matmul_flops(predicted, cfg.dim, cfg.dim) if cfg.mlm_transform else 0)
     return float(FWD_BWD_FACTOR * (cfg.depth * (attn + ffn) + head))
+
+def model_flops_per_token(cfg, # a `ModelConfig`
+                          seq_len: int, # tokens per row
+                          mlm_probability: float = 0.15, # fraction of tokens with a vocabulary projection
+                         ) -> float:
+    "Training FLOPs per token (forward + backward) of a model at `seq_len` (`model_train_flops` of one row / length)."
+    return model_train_flops(cfg, 1, seq_len, predicted=mlm_probability * seq_len) / seq_len
 
 # %% ../../nbs/50_bench.ipynb #1af83190
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}

@@ -13,7 +13,8 @@ import numpy as np
 from .. import kernels
 from .harness import (SweepResult, _error_text, _json_default, machine_info, markdown_table,
                                         register_benchmark)
-from ..train import prepare_data, make_backend, fit
+from ..pretrain import prepare_data, make_backend
+from ..train import fit
 
 # %% auto #0
 __all__ = ['QUALITY_SEEDS', 'QUALITY_SEEDS_QUICK', 'QUALITY_STEPS', 'QUALITY_STEPS_QUICK', 'QUALITY_BATCH', 'QUALITY_KINDS_QUICK',
