@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 # %% auto #0
 __all__ = ['PLOTLY_MIME', 'COLORS', 'MAX_COSINE', 'SHAPE_DRAWS', 'figure_html', 'Show', 'show', 'write_html', 'curve_data',
            'training_curves', 'stack_attentions', 'head_summaries', 'head_summary_figure', 'model_attentions',
-           'tokens_of', 'attention_map', 'kernel_estimate', 'kernel_shapes', 'kernel_shapes_figure',
+           'tokens_of', 'attention_map', 'spherical_kinds', 'kernel_estimate', 'kernel_shapes', 'kernel_shapes_figure',
            'attention_figures']
 
 # %% ../nbs/60_viz.ipynb #c426a385
@@ -204,7 +204,7 @@ def attention_map(attentions, # per layer [B, H, L, L]; or [layers, H, L, L]; or
                       xaxis=dict(title="key", tickangle=-60), yaxis=dict(title="query", autorange="reversed"))
     return fig
 
-# %% ../nbs/60_viz.ipynb #6de879d1
+# %% ../nbs/60_viz.ipynb #c0c54ada
 MAX_COSINE = 0.9
 SHAPE_DRAWS = 16
 
@@ -214,7 +214,12 @@ def _unit_pair(x: np.ndarray, D: int) -> tuple[np.ndarray, np.ndarray]:
     k = np.zeros((1, 1, len(x), D)); k[0, 0, :, 0] = x; k[0, 0, :, 1] = np.sqrt(1 - x ** 2)
     return q, k
 
-def kernel_estimate(kind: str, # a SLAY kind (any feature-map kind without role-dependent shifts)
+def spherical_kinds() -> list[str]:
+    "Registered feature-map kinds that estimate the spherical Yat kernel (the SLAY family), read from the registry."
+    from minibert_lab import kernels
+    return [k for k, s in kernels.KERNELS.items() if not s.exact and s.target == "spherical-yat"]
+
+def kernel_estimate(kind: str, # a kind of `spherical_kinds()`
                     x: np.ndarray, # cosines
                     head_dim: int = 64, # D
                     seed: int = 0, # feature seed
@@ -224,8 +229,8 @@ def kernel_estimate(kind: str, # a SLAY kind (any feature-map kind without role-
     from array_api_compat import numpy as xnp
     from minibert_lab import kernels
     spec = kernels.get_kind(kind)
-    if spec.exact or not kind.startswith("slay"):
-        raise ValueError(f"kind={kind!r} is invalid; allowed: {', '.join(k for k in kernels.ATTENTION_TYPES if k.startswith('slay'))}")
+    if kind not in spherical_kinds():
+        raise ValueError(f"kind={kind!r} is invalid; allowed: {', '.join(spherical_kinds())} (feature maps of the spherical Yat kernel)")
     p = kernels.resolve_params(kind, params)
     st = kernels.init_state(kind, 1, head_dim, seed, **p)
     q, k = _unit_pair(np.asarray(x, np.float64), head_dim)
@@ -239,8 +244,7 @@ def kernel_shapes(kinds: Sequence[str] | None = None, # SLAY kinds to estimate (
                   head_dim: int = 64, epsilon: float = 1e-3,
                  ) -> dict:
     "Exact kernels and the mean/std of each SLAY estimate on a grid of cosines."
-    from minibert_lab.kernels import ATTENTION_TYPES
-    kinds = [k for k in ATTENTION_TYPES if k.startswith("slay")] if kinds is None else list(kinds)
+    kinds = spherical_kinds() if kinds is None else list(kinds)
     x = np.linspace(-1.0, MAX_COSINE, n)
     C = 2 + epsilon
     exact = {"softmax": np.exp(x), "yat": x ** 2 / (2 - 2 * x + epsilon), "spherical yat": x ** 2 / (C - 2 * x)}

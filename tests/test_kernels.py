@@ -237,3 +237,30 @@ def test_cuda_matches_oracle_and_bf16_finite(kind):
                 if dt == torch.float32: assert K.relative_error(out, ref) < K.ORACLE_RTOL_FP32 * K.weights_condition(w)
                 out.float().square().sum().backward()
                 assert torch.isfinite(out).all() and all(torch.isfinite(a.grad).all() for a in x)
+
+
+@pytest.mark.parametrize("fw", ("torch32", "jax32"))
+def test_yat_spherical_pole_is_finite_or_refused(fw):
+    "q = k puts cosines at 1: float32 stays finite for an ε it can add to 2, and refuses a smaller one by name."
+    (q, _, v), _, _, _ = _inputs()
+    for causal in (False, True):
+        out, w = K.attention_core("yat-spherical", _convert(fw, q), _convert(fw, q), _convert(fw, v),
+                                  params=dict(epsilon=1e-6, normalize="kernel"), causal=causal, output_attentions=True)
+        assert np.isfinite(K.to_numpy64(out)).all() and np.isfinite(K.to_numpy64(w)).all()
+    with pytest.raises(ValueError, match=r"epsilon'\]=1e-08 is invalid for kind 'yat-spherical'.*rounds to 2"):
+        K.attention_core("yat-spherical", _convert(fw, q), _convert(fw, q), _convert(fw, v), params=dict(epsilon=1e-8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_params_pad_invariance(kind):
+    "With the registry defaults (cosformer's one position range, never the current length), 0 vs 3 pads agree."
+    (q, k, v), _, _, _ = _inputs(B=1, L=5)
+    p = K.kind_params(kind)
+    st = K.init_state(kind, 2, 8, seed=1, **p)
+    rng = np.random.default_rng(8)
+    pad = lambda a: np.concatenate([a, 20 * rng.standard_normal(a.shape[:2] + (3, a.shape[3]))], axis=2)
+    am = np.array([[1] * 5 + [0] * 3])
+    for causal in (False, True):
+        base, _ = K.attention_core(kind, q, k, v, st, params=p, causal=causal)
+        out, _ = K.attention_core(kind, pad(q), pad(k), pad(v), st, params=p, attention_mask=am, causal=causal)
+        np.testing.assert_allclose(out[:, :, :5], base, rtol=1e-9, atol=1e-9)
