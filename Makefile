@@ -12,7 +12,7 @@ export PYTHONHASHSEED := 0
 .PHONY: lab test test-slow test-cuda docs export check-sync bench browser install help
 
 help:
-	@echo "make lab | test | test-slow | docs | export | bench"
+	@echo "make lab | test | test-slow | docs | export | bench [BENCH=attention] [BENCH_OUT=runs/bench]"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,5 +71,9 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the site test will be skipped (apt-get install chromium)"
 
+# `make bench [BENCH=attention]` writes to runs/bench/ (git-ignored); `make bench BENCH_OUT=nbs/bench_results`
+# replaces the committed result that the docs render (NAME-DEVICE.json for timed tables).
+BENCH ?= attention
+BENCH_OUT ?= runs/bench
 bench: $(STAMP)
-	$(VENV)/bin/minibert-lab bench attention
+	$(VENV)/bin/minibert-lab bench $(BENCH) --out $(BENCH_OUT)

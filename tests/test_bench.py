@@ -1,5 +1,5 @@
 "Benchmarks: the harness (timing, peak memory, analytic FLOPs against torch's FLOP counter, JSON/markdown), the tables, the CLI."
-import json, math
+import json, math, os
 
 import numpy as np
 import pytest
@@ -28,12 +28,43 @@ def test_median_and_iqr():
     with pytest.raises(ValueError, match="times="): harness.summarize_times([])
 
 
-def test_time_fn_counts_warmup_apart():
-    calls = []
-    ticks = iter(np.arange(0.0, 100.0, 0.5))
-    t = harness.time_fn(lambda: calls.append(1), repeats=4, warmup=3, clock=lambda: float(next(ticks)))
-    assert len(calls) == 7 and t.times == (0.5,) * 4
-    with pytest.raises(ValueError, match="warmup=-1"): harness.time_fn(lambda: None, warmup=-1)
+class VirtualClock:
+    "A fake clock: each call of `fn` advances it by `cost` seconds; `log` records calls and clock reads in order."
+    def __init__(self, cost): self.now, self.cost, self.log = 0.0, cost, []
+    def fn(self): self.now += self.cost; self.log.append("call")
+    def clock(self): self.log.append("tick"); return self.now
+    @property
+    def calls(self): return self.log.count("call")
+
+
+@pytest.mark.parametrize("framework", [None, "torch", "jax"])
+def test_time_fn_warms_up_before_timing(framework):
+    "The `warmup` calls come before the first clock read; warm-up is never skipped."
+    v = VirtualClock(0.01)
+    t = harness.time_fn(v.fn, framework, warmup=3, clock=v.clock)
+    assert v.log[:4] == ["call"] * 3 + ["tick"]
+    assert v.calls >= 3 + t.calls and t.median == pytest.approx(0.01)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"warmup={bad}"): harness.time_fn(lambda: None, framework, warmup=bad)
+
+
+@pytest.mark.parametrize("framework", [None, "torch", "jax"])
+def test_time_fn_repeats_adapt(framework):
+    "A fast function gets blocks of many calls and many calls in all; a slow one is timed call by call; max_time caps."
+    fast, slow, slowest = VirtualClock(1e-6), VirtualClock(0.1), VirtualClock(2.0)
+    tf = harness.time_fn(fast.fn, framework, min_time=0.05, clock=fast.clock)
+    ts = harness.time_fn(slow.fn, framework, min_time=0.05, clock=slow.clock)
+    assert tf.number >= 100 and tf.calls * 1e-6 >= 0.05 * 0.99 and tf.calls > 100 * ts.calls, (tf, ts)
+    assert ts.number == 1 and ts.measurements == harness.MIN_MEASUREMENTS
+    assert harness.time_fn(slow.fn, framework, repeats=7, clock=slow.clock).measurements == 7
+    assert harness.time_fn(slowest.fn, framework, max_time=3.0, clock=slowest.clock).measurements == 2
+
+
+def test_time_fn_pins_torch_threads():
+    seen, before = [], torch.get_num_threads()
+    harness.time_fn(lambda: seen.append(torch.get_num_threads()), "torch", threads=1, min_time=0.0, max_time=0.01)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads=0"): harness.time_fn(lambda: None, "torch", threads=0)
 
 
 def test_matmul_flops_match_torch_counter():
@@ -87,7 +118,7 @@ def test_jax_peak_memory_of_known_program():
 
 
 def test_sweep_result_round_trip_and_markdown(tmp_path):
-    res = harness.run_sweep(harness.Sweep("m", {"n": (8, 16)}, harness._measure_matmul, repeats=2, warmup=0),
+    res = harness.run_sweep(harness.Sweep("m", {"n": (8, 16)}, harness._measure_matmul, min_time=0.01),
                           peaks={"torch": 1e9})
     assert [r["n"] for r in res.rows] == [8, 16]
     assert all(r["median_s"] > 0 and r["memory_method"] == "torch-profiler" for r in res.rows)
@@ -95,9 +126,72 @@ def test_sweep_result_round_trip_and_markdown(tmp_path):
     assert res.rows[1]["peak_fraction"] == pytest.approx(res.rows[1]["gflop_s"] * 1e9 / 1e9)
     back = harness.SweepResult.from_json(res.to_json(tmp_path / "m.json"))
     assert back.rows == json.loads((tmp_path / "m.json").read_text())["rows"]
-    assert {"cpu", "cores", "versions", "date", "python"} <= set(back.meta)
+    assert {"cpu", "cores", "versions", "date", "python", "load_before", "load_after", "warnings"} <= set(back.meta)
+    assert all(r["measurements"] >= harness.MIN_MEASUREMENTS for r in res.rows)
     md = res.to_markdown(["n", "median_s"])
     assert md.splitlines()[0] == "| n | median_s |" and len(md.splitlines()) == 4
+
+
+def tiny_sweep(**kw):
+    return harness.Sweep("tiny", {"n": (1, 2)}, lambda n, device: harness.Case(run=lambda: None), min_time=0.001, **kw)
+
+
+def test_sweep_records_pinned_threads():
+    before = torch.get_num_threads()
+    res = harness.run_sweep(tiny_sweep(), peaks={}, threads=1)
+    assert res.meta["torch_threads"] == 1 and torch.get_num_threads() == before
+    assert res.meta["xla_cpu_threads"] >= 1 and "xla_flags" in res.meta
+    assert harness.run_sweep(tiny_sweep(), peaks={}).meta["torch_threads"] == before
+
+
+def test_busy_machine_warns(monkeypatch, capsys):
+    "A load average above BUSY_LOAD_PER_CORE x cores: one stderr line and `busy` / `warnings` in the result."
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (harness.BUSY_LOAD_PER_CORE * cores + 1, 0.0, 0.0))
+    res = harness.run_sweep(tiny_sweep(), peaks={})
+    err = [l for l in capsys.readouterr().err.splitlines() if "busy" in l]
+    assert len(err) == 1 and "load average" in err[0], err
+    assert res.meta["busy"] and res.meta["load_before"][0] > cores and any("busy" in w for w in res.meta["warnings"])
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    res = harness.run_sweep(tiny_sweep(), peaks={})
+    assert not res.meta["busy"] and "busy" not in capsys.readouterr().err
+
+
+def test_noisy_measurement_flagged(monkeypatch, capsys):
+    "IQR/median above MAX_REL_IQR: the row says `noisy`, the result has a warning, stderr one line."
+    spread = harness.summarize_times([1.0, 1.0, 2.0, 3.0, 3.0])
+    assert spread.rel_iqr > harness.MAX_REL_IQR
+    monkeypatch.setattr(harness, "time_fn", lambda *a, **k: spread)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))     # a quiet machine: only the spread warns
+    res = harness.run_sweep(tiny_sweep(), peaks={})
+    assert [r["noisy"] for r in res.rows] == [True, True] and res.rows[0]["measurements"] == 5
+    (w,) = res.meta["warnings"]
+    assert "2 of 2" in w and "IQR/median" in w
+    assert len([l for l in capsys.readouterr().err.splitlines() if "IQR/median" in l]) == 1
+
+
+def test_torch_peak_memory_is_quiet(capfd):
+    "The profiler's `USDT: ... profiler_start/stop` lines (fd 2) are swallowed; other fd-2 output is kept."
+    x = torch.randn(64, 64)
+    assert harness.torch_peak_memory(lambda: x @ x) > 0
+    harness.run_sweep(harness.Sweep("m", {"n": (8,)}, harness._measure_matmul, min_time=0.001), peaks={})
+    with harness.quiet_fd2(): os.write(2, b"USDT: swallowed\nkept line\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "kept line" in err
+
+
+def test_default_out_is_git_ignored():
+    "`minibert-lab bench` (and `make bench`) write to an ignored folder unless --out says otherwise."
+    import subprocess
+    from pathlib import Path
+    from minibert_lab.bench.cli import DEFAULT_BENCH_OUT, bench_parser
+    root = Path(__file__).parents[1]
+    assert bench_parser().parse_args(["matmul"]).out == DEFAULT_BENCH_OUT
+    assert "BENCH_OUT ?= " + DEFAULT_BENCH_OUT in (root / "Makefile").read_text()
+    r = subprocess.run(["git", "check-ignore", "-q", f"{DEFAULT_BENCH_OUT}/attention-cpu.json"], cwd=root)
+    assert r.returncode == 0, f"{DEFAULT_BENCH_OUT} is not git-ignored"
+    r = subprocess.run(["git", "check-ignore", "-q", "nbs/bench_results/attention-cpu.json"], cwd=root)
+    assert r.returncode == 1
 
 
 def test_crossover_lengths():
@@ -120,13 +214,14 @@ def test_exact_kinds_skip_over_budget():
 
 
 def test_cli_bench_matmul(tmp_path, capsys):
-    assert cli_bench(["matmul", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    assert cli_bench(["matmul", "--quick", "--quiet", "--out", str(tmp_path), "--threads", "1"]) == 0
     assert "| n |" in capsys.readouterr().out
-    assert json.loads((tmp_path / "matmul.json").read_text())["name"] == "matmul"
+    meta = json.loads((tmp_path / "matmul-cpu.json").read_text())["meta"]   # timed tables: NAME-DEVICE, as committed
+    assert meta["sweep"] == "matmul" and meta["torch_threads"] == 1
 
 
 def test_cli_bench_rejects_unknown_name_and_device():
-    for argv in (["nope"], ["matmul", "--device", "tpu"]):
+    for argv in (["nope"], ["matmul", "--device", "tpu"], ["matmul", "--threads", "0"]):
         with pytest.raises(SystemExit) as e: cli_bench(argv)
         assert e.value.code == 2
 
@@ -165,7 +260,7 @@ def test_cli_bench_import_registers_a_user_kind(toy_kind_file, tmp_path, capsys)
     out = tmp_path / "out"
     assert cli_bench(["attention", "--import", str(toy_kind_file), "--kind", "toy-linear", "--framework", "torch",
                       "--quick", "--quiet", "--out", str(out)]) == 0
-    rows = json.loads((out / "attention.json").read_text())["rows"]
+    rows = json.loads((out / "attention-cpu.json").read_text())["rows"]
     assert rows and {r["kind"] for r in rows} == {"toy-linear"}
     # every point of the sweep was built from the registry and timed, with FLOPs from the kind's entry
     assert all("median_s" in r and r["gflop_s"] > 0 for r in rows), rows

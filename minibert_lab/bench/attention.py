@@ -87,14 +87,14 @@ def attention_sweep(quick: bool = False, # smaller lengths, fewer repeats
     return Sweep("attention", dict(kind=tuple(kinds or kernels.ATTENTION_TYPES),
                                    length=ATTENTION_LENGTHS_QUICK if quick else ATTENTION_LENGTHS,
                                    framework=tuple(frameworks), causal=(False, True)),
-                 _measure_attention, repeats=2, warmup=0,
+                 _measure_attention,
                  description="attention module forward+backward (projections included), batch 1, dim 128, 2 heads")
 
 def long_sweep(quick: bool = False, frameworks: Sequence[str] = FRAMEWORKS) -> Sweep:
     "One kind per linear family at `LONG_LENGTH` tokens, batch 1."
     return Sweep("attention-long", dict(kind=LONG_KINDS, length=(LONG_LENGTH_QUICK if quick else LONG_LENGTH,),
                                         framework=tuple(frameworks), causal=(False,)),
-                 _measure_attention, repeats=1, warmup=0, description="long sequences, linear kinds only")
+                 _measure_attention, description="long sequences, linear kinds only")
 
 def crossover_lengths(rows: Sequence[Mapping], # rows of the attention sweep
                       baseline: str = "standard", # the exact kind to beat
