@@ -167,6 +167,28 @@ def katex_dist() -> Path:
     return dist
 
 
+ANCHOR_LINK = re.compile(r'(?P<pre>href=")(?P<page>[\w.-]+\.html)?#(?P<frag>[^"]+)"')
+
+
+def _method_anchors(site: Path) -> int:
+    "Point API links to a method with no card of its own (`config.html#modelconfig.with_vocab`) at its class's card."
+    ids = {p.name: set(re.findall(r'\bid="([^"]+)"', p.read_text())) for p in site.glob("*.html")}
+    n = 0
+    for page in site.glob("*.html"):
+        def sub(m):
+            nonlocal n
+            have, frag = ids.get(m["page"] or page.name), m["frag"]
+            if have is None or frag in have: return m[0]
+            while "." in frag and frag not in have: frag = frag.rsplit(".", 1)[0]
+            if frag not in have: return m[0]
+            n += 1
+            return f'{m["pre"]}{m["page"] or ""}#{frag}"'
+        html = page.read_text()
+        new = ANCHOR_LINK.sub(sub, html)
+        if new != html: page.write_text(new)
+    return n
+
+
 def localize(site: Path) -> dict[str, int]:
     "Make every page work offline: KaTeX from the site's libs, no remote CSS imports, links to the published site relative."
     site_url = (yaml.safe_load((ROOT / "_quarto.yml").read_text()).get("website", {}).get("site-url") or "").rstrip("/")
@@ -180,6 +202,7 @@ def localize(site: Path) -> dict[str, int]:
             html, k = re.subn(rf"(href=[\"']){re.escape(site_url)}/", rf"\g<1>{rel}", html)
             n["links"] += k
         page.write_text(html)
+    n["anchors"] = _method_anchors(site)
     if n["math"]:
         dist = katex_dist()
         shutil.copytree(dist, site / KATEX_LIB, dirs_exist_ok=True,
@@ -206,7 +229,7 @@ def site():
     n = slim_plotly(out)
     loc = localize(out)
     print(f"site: {len(pages)} pages in {out.relative_to(ROOT)}/ ({n} with plotly figures, {loc['math']} with KaTeX "
-          f"from {KATEX_LIB}, {loc['links']} links made relative, {loc['imports']} remote CSS imports dropped)")
+          f"from {KATEX_LIB}, {loc['links']} links made relative, {loc['anchors']} method links to their class, {loc['imports']} remote CSS imports dropped)")
 
 
 def _gfm_cell(cell):
