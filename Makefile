@@ -61,6 +61,8 @@ check-sync: $(STAMP)
 	@git diff --exit-code --stat -- minibert_lab README.md nbs || { echo "generated files or notebooks out of sync: run 'make export' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- minibert_lab nbs README.md)" || { git status --porcelain -- minibert_lab nbs README.md; echo "untracked generated files: run 'make export' and commit"; exit 1; }
 
+# KaTeX: fetched once from the npm registry into ~/.cache/minibert_lab/docs (sha512 pinned in tools/build_docs.py)
+# and copied into _docs/site_libs; every page loads only local assets.
 docs: $(STAMP)
 	$(PY) tools/build_docs.py readme
 	$(PY) tools/build_docs.py site

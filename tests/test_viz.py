@@ -99,3 +99,37 @@ def test_cli_viz_attention_of_a_checkpoint(tmp_path, framework):
                  "--text", "to be or not to be", "--out", str(out)]) == 0
     html = out.read_text()
     assert html.count("Plotly.newPlot(") == 2 and "head 3" in html and "Attention (slay)" in html
+
+
+def test_kind_style_colour_per_kind_dash_per_family():
+    "Every registered kind (a kind registered now too) has its own colour; dashes are equal exactly within a family."
+    import dataclasses
+    from minibert_lab import kernels
+    base = kernels.get_kind("standard")
+    kernels.register_kind(dataclasses.replace(base, name="viz-toy", family="viz-toy-family"), overwrite=True)
+    try:
+        kinds = list(kernels.KERNELS)
+        assert len(kinds) >= 15 and len(viz.COLORS) >= len(kinds)
+        style = {k: viz.kind_style(k) for k in kinds}
+        assert len({s["color"] for s in style.values()}) == len(kinds)
+        fam = {k: kernels.get_kind(k).family for k in kinds}
+        for a in kinds:
+            for b in kinds:
+                assert (style[a]["dash"] == style[b]["dash"]) == (fam[a] == fam[b]), (a, b)
+        assert style["viz-toy"]["dash"] not in {style[k]["dash"] for k in kinds if k != "viz-toy"}
+    finally:
+        kernels.unregister_kind("viz-toy")
+    with pytest.raises(ValueError, match="no-such-kind"): viz.kind_style("no-such-kind")
+    d = viz.kernel_shapes(kinds=["slay", "slay-anchor"], n=5, draws=1, head_dim=8)
+    lines = [t for t in viz.kernel_shapes_figure(d).data if t.name.endswith("(mean of draws)")]
+    assert [t.line.color for t in lines] == [viz.kind_style(k)["color"] for k in ("slay", "slay-anchor")]
+
+
+def test_attention_map_colour_scale_fixed_unless_stretched():
+    "Near-uniform weights are drawn on [0, 1] (they look uniform); stretch=True spans each map's own min..max."
+    rng = np.random.default_rng(0)
+    a = 1 / L + rng.uniform(-0.005, 0.005, (2, 4, L, L))                           # [layers, H, L, L], ~1/L
+    fig = viz.attention_map(a, [f"t{i}" for i in range(L)])
+    assert {(t.zmin, t.zmax) for t in fig.data} == {(0.0, 1.0)}
+    fig = viz.attention_map(a, [f"t{i}" for i in range(L)], stretch=True)
+    assert [(t.zmin, t.zmax) for t in fig.data] == [(a[l, h].min(), a[l, h].max()) for l in range(2) for h in range(4)]
