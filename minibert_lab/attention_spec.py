@@ -7,8 +7,10 @@ Docs: https://minibert-lab.github.io/minibert_lab/attention_spec.html.md"""
 # %% auto #0
 __all__ = ['AttentionSpec', 'attention_spec', 'check_inputs']
 
-# %% ../nbs/10a_attention_spec.ipynb #7640ab40
+# %% ../nbs/10a_attention_spec.ipynb #6ca68c73
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import kernels
 
@@ -92,7 +94,7 @@ def attention_spec(kind: str, # attention kind (any registered one)
                          bias=mp["bias"], window=mp["window"], max_len=mp["max_len"],
                          kind_items=tuple(kp.items()))
 
-# %% ../nbs/10a_attention_spec.ipynb #9e9fceda
+# %% ../nbs/10a_attention_spec.ipynb #05796a44
 def _dtype_kind(xp, a):
     if xp.isdtype(a.dtype, "bool"): return "bool"
     if xp.isdtype(a.dtype, "integral"): return "int"
@@ -106,6 +108,8 @@ def check_inputs(spec: AttentionSpec, # the module's spec
                  segment_ids=None, # [B, L] int, 0 = pad
                  causal=False, # causal attention
                  xp=None, # array namespace of `x` (default: `array_api_compat.array_namespace(x)`)
+                 weight_dtype=None, # the module's weight dtype, when `x` must match it (torch)
+                 values: bool = True, # also check concrete mask/position values (`kernels.validate_masks`)
                 ):
     "Raise `ValueError` naming the argument when an input of an attention module is malformed."
     if xp is None:
@@ -127,4 +131,9 @@ def check_inputs(spec: AttentionSpec, # the module's spec
         if tuple(a.shape) != (B, L): raise ValueError(f"{name} has shape {tuple(a.shape)}; expected [B, L] = {(B, L)}")
         if _dtype_kind(xp, a) not in kinds:
             raise ValueError(f"{name} has dtype {a.dtype}; expected {' or '.join(kinds)}")
-    if causal not in (True, False): raise ValueError(f"causal={causal!r}; allowed: True or False")
+    if not isinstance(causal, (bool, np.bool_)): raise ValueError(f"causal={causal!r} is invalid; allowed: True or False")
+    if weight_dtype is not None and x.dtype != weight_dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the module's weights are {weight_dtype}; allowed: x in {weight_dtype}, "
+                         f"or convert the module first (module.to({x.dtype}))")
+    if values and kernels.is_concrete(x):
+        kernels.validate_masks(attention_mask, segment_ids, position_ids, spec.max_position, where="attention")

@@ -397,3 +397,58 @@ def test_bad_inputs(framework):
     raises(lambda: m(X, segment_ids=conv(kw["segment_ids"][:2])), "segment_ids has shape (2, 7)")
     raises(lambda: m(X, position_ids=conv(kw["position_ids"].astype(np.float32))), "position_ids has dtype")
     raises(lambda: m(X, causal="yes"), "causal='yes'")
+
+
+# ---------------------------------------------------------------- faults: bad values, masked garbage
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bad_values_are_refused_by_name(framework):
+    "Mask, position and segment values the kernels cannot honour are refused, naming the argument and the entry."
+    x, kw = inputs("packed")
+    seg, am, pos = kw["segment_ids"], kw["attention_mask"], kw["position_ids"]
+    if framework == "torch":
+        conv = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        build = lambda kind, **p: ta.build_attention(kind, DIM, HEADS, **p)
+    else:
+        conv = jnp.asarray
+        build = lambda kind, **p: ja.build_attention(kind, DIM, HEADS, rngs=nnx.Rngs(0), **p)
+    m, X = build("standard"), conv(x)
+    def raises(fn, *frags):
+        with pytest.raises(ValueError) as ei: fn()
+        for fr in frags: assert fr in str(ei.value), (fr, str(ei.value))
+    with_value = lambda a, idx, v: (lambda b: (b.__setitem__(idx, v), b)[1])(a.copy())
+    raises(lambda: m(X, attention_mask=conv(with_value(am, (0, 1), 2))), "attention_mask[0, 1]=2", "0 = padding")
+    raises(lambda: m(X, attention_mask=conv(with_value(am, (0, 1), -1))), "attention_mask[0, 1]=-1")
+    raises(lambda: m(X, position_ids=conv(with_value(pos, (1, 2), -3))), "position_ids[1, 2]=-3", ">= 0")
+    raises(lambda: m(X, segment_ids=conv(with_value(seg, (0, 0), -1))), "segment_ids[0, 0]=-1")
+    reappear = np.array([[1, 1, 2, 2, 1, 1, 0]] * B)
+    raises(lambda: m(X, segment_ids=conv(reappear)), "segment_ids[0]", "document 1 at position 4 reappears")
+    raises(lambda: m(X, segment_ids=conv(seg), attention_mask=conv(np.ones_like(am))), "disagree", "segment_ids[1, 5]=0")
+    raises(lambda: m(X, causal=1), "causal=1 is invalid", "True or False")
+    cos = build("cosformer", cos_max_len=8)
+    raises(lambda: cos(X, position_ids=conv(with_value(pos, (2, 3), 8))), "position_ids[2, 3]=8", "< 8")
+    raises(lambda: cos(conv(np.concatenate([x, x], 1))), "L=14", "position range", "<= 8")
+    if framework == "torch":
+        for dt in (torch.float64, torch.bfloat16, torch.float16):
+            raises(lambda: m(torch.from_numpy(x).to(dt)), f"x has dtype {dt}", "weights are torch.float32")
+    # the same values pass once fixed, and the models refuse them too
+    m(X, segment_ids=conv(seg), attention_mask=conv(am), position_ids=conv(pos))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_at_masked_positions_never_reaches_real_tokens(kind):
+    "NaN or Inf in the hidden states of padded positions leaves every real position's output unchanged and finite."
+    tm, jm = pair(kind)
+    x, kw = inputs("masked")
+    am = kw["attention_mask"]
+    real = am.astype(bool)
+    with torch.no_grad(): ref = tm(torch.from_numpy(x), attention_mask=torch.from_numpy(am)).numpy()
+    refj = np.asarray(jm(jnp.asarray(x), attention_mask=jnp.asarray(am)))
+    for bad in (np.nan, np.inf):
+        x2 = x.copy(); x2[am == 0] = bad
+        for causal in (False, True):
+            with torch.no_grad(): yt = tm(torch.from_numpy(x2), attention_mask=torch.from_numpy(am), causal=causal).numpy()
+            yj = np.asarray(jm(jnp.asarray(x2), attention_mask=jnp.asarray(am), causal=causal))
+            assert np.isfinite(yt).all() and np.isfinite(yj).all(), (bad, causal)
+            if not causal:
+                assert rel_err(yt[real], ref[real]) < RTOL * cond(kind) and rel_err(yj[real], refj[real]) < RTOL * cond(kind)

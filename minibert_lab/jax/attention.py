@@ -97,7 +97,7 @@ def default_position_ids(B: int, # batch size
     first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)  # [B, L] index of the document's first token
     return idx - first  # [B, L]
 
-# %% ../../nbs/12_attention.jax.ipynb #9dc6faee
+# %% ../../nbs/12_attention.jax.ipynb #013b4ec3
 class Attention(nnx.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES` (Flax NNX)."
     def __init__(self, kind: str, # attention kind
@@ -114,6 +114,7 @@ class Attention(nnx.Module):
         state = kernels.init_state(kind, heads, s.head_dim, s.seed, **s.params)
         for name, arr in state.items(): setattr(self, name, RandomState(jnp.asarray(arr)))
         self.state_names = tuple(state)
+        self.validate_values = True  # check concrete mask/position values (a model that validated its inputs turns it off)
         self.fast_path = EXACT_FAST_PATH if s.softmax_fast_path else None  # one of FAST_PATHS, or None
 
     @property
@@ -167,8 +168,11 @@ class Attention(nnx.Module):
                  output_attentions: bool = False, # also return the weights [B, H, L, L]
                 ):
         "`[B, L, dim]` -> `[B, L, dim]` (and the attention weights when asked)."
-        check_inputs(self.spec, x, attention_mask, position_ids, segment_ids, causal, xp=jnp)
+        check_inputs(self.spec, x, attention_mask, position_ids, segment_ids, causal, xp=jnp,
+                     values=self.validate_values)
         B, L, dim = x.shape
+        tok = kernels.token_mask(attention_mask, segment_ids, jnp)  # [B, L] real tokens, or None
+        if tok is not None: x = jnp.where(tok[..., None], x, jnp.zeros((), x.dtype))  # pads never reach the result (select, not multiply)
         if position_ids is None: position_ids = default_position_ids(B, L, segment_ids)
         q, k, v = self.qkv(x, position_ids)  # 3 x [B, H, L, D]
         if self.fast_path is not None and self.spec.softmax_fast_path and not output_attentions:

@@ -17,9 +17,9 @@ from array_api_compat import array_namespace
 # %% auto #0
 __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHUNK_SIZE', 'ROPE_THETA', 'DEFAULT_COS_MAX_LEN',
            'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS', 'ATTENTION_TYPES', 'positive_den_floor',
-           'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask', 'visibility_mask', 'Param', 'KernelSpec',
-           'register_kind', 'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params', 'is_exact',
-           'target_kernel', 'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position',
+           'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask', 'visibility_mask', 'is_concrete', 'validate_masks',
+           'Param', 'KernelSpec', 'register_kind', 'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params',
+           'is_exact', 'target_kernel', 'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position',
            'FeatureContext', 'laguerre_nodes', 'nystrom_whitening', 'init_state', 'registry_table',
            'chunked_prefix_sums', 'linear_sums', 'state_names', 'attention_core']
 
@@ -162,6 +162,57 @@ def visibility_mask(attention_mask, # [B, L] 1/True = real token, or None
             w = (xp.abs(d) <= window)[None, None]  # [1, 1, L, L]
             m = w if m is None else (m & w)
     return m
+
+# %% ../../nbs/10_kernels.ipynb #e7a71dbe
+def is_concrete(a) -> bool:
+    "Whether `a` holds values now (not a `jax.jit` tracer, not inside `torch.compile`); False for None."
+    if a is None: return False
+    if array_api_compat.is_jax_array(a) or type(a).__module__.startswith("jax"):
+        return not any(c.__name__.endswith("Tracer") for c in type(a).__mro__)
+    if array_api_compat.is_torch_array(a):
+        import sys
+        return not sys.modules["torch"].compiler.is_compiling()
+    return True
+
+def _first_bad(bad: np.ndarray) -> tuple:
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+def validate_masks(attention_mask=None, # [B, L] 0/1 or bool
+                   segment_ids=None, # [B, L] int, 0 = pad, documents 1, 2, ... as contiguous increasing runs
+                   position_ids=None, # [B, L] (or [L]) int positions
+                   max_position: int | None = None, # positions must be < this (a kind's position range), or None
+                   where: str = "", # prefix of the messages (the entry point)
+                  ):
+    "Raise `ValueError` naming the argument and the first bad entry when concrete mask or position values are invalid."
+    pre = f"{where}: " if where else ""
+    am, sg, pid = (None if a is None else _to_numpy(a) for a in (attention_mask, segment_ids, position_ids))
+    if am is not None and am.size and not np.isin(am, (0, 1)).all():
+        i = _first_bad(~np.isin(am, (0, 1)))
+        raise ValueError(f"{pre}attention_mask{list(i)}={am[i].item()!r}; allowed: 1 (or True) = real token, 0 = padding")
+    if pid is not None and pid.size:
+        if (pid < 0).any():
+            i = _first_bad(pid < 0)
+            raise ValueError(f"{pre}position_ids{list(i)}={int(pid[i])}; allowed: positions >= 0")
+        if max_position is not None and (pid >= max_position).any():
+            i = _first_bad(pid >= max_position)
+            raise ValueError(f"{pre}position_ids{list(i)}={int(pid[i])}; allowed: positions < {max_position} "
+                             "(the attention kind's position range)")
+    if sg is not None and sg.size:
+        if (sg < 0).any():
+            i = _first_bad(sg < 0)
+            raise ValueError(f"{pre}segment_ids{list(i)}={int(sg[i])}; allowed: 0 (pad) or documents numbered 1, 2, ...")
+        for b, row in enumerate(sg.reshape(-1, sg.shape[-1])):
+            starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])  # first token of each run
+            docs = row[starts][row[starts] > 0]                          # document id of each run (pads skipped)
+            if docs.size > 1 and (np.diff(docs) <= 0).any():
+                j = int(starts[row[starts] > 0][1:][np.diff(docs) <= 0][0])
+                raise ValueError(f"{pre}segment_ids[{b}] is {row.tolist()}: document {int(row[j])} at position {j} "
+                                 "reappears or goes back; allowed: each document one contiguous run, numbered 1, 2, ... "
+                                 "in increasing order (0 = pad)")
+        if am is not None and am.shape == sg.shape and ((am != 0) != (sg > 0)).any():
+            i = _first_bad((am != 0) != (sg > 0))
+            raise ValueError(f"{pre}attention_mask{list(i)}={am[i].item()!r} but segment_ids{list(i)}={int(sg[i])}: the masks "
+                             "disagree; allowed: a token is real (mask 1) exactly when its segment is not 0, or give one of them")
 
 # %% ../../nbs/10_kernels.ipynb #848592fa
 @dataclass(frozen=True)
@@ -889,7 +940,7 @@ def linear_sums(fq, # φ(q) [B, H, L, F]
     r = xp.maximum(rf, rb)  # [B, H, L] common scale of both halves
     return fwd * xp.exp(rf - r)[..., None] + bwd * xp.exp(rb - r)[..., None]
 
-# %% ../../nbs/10_kernels.ipynb #f678ad83
+# %% ../../nbs/10_kernels.ipynb #6be3e350
 def _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, exact, kind):
     for n, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4: raise ValueError(f"{n} has shape {tuple(a.shape)}; allowed: [B, H, L, D]")
@@ -973,6 +1024,9 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
                          f"allowed: L <= {lim} (or raise the kind's position-range parameter)")
     am, sg, pid = (None if a is None else _as_array(xp, a, q) for a in (attention_mask, segment_ids, position_ids))
     tok = token_mask(am, sg, xp)  # [B, L] real tokens, or None
+    if tok is not None:  # masked positions never reach the result, whatever they hold (NaN too): select, never multiply
+        keep = tok[:, None, :, None]  # [B, 1, L, 1]
+        q, k, v = (xp.where(keep, a, xp.zeros_like(a)) for a in (q, k, v))  # [B, H, L, *] each
     if spec.exact:
         mask = visibility_mask(am, sg, causal, window, L, xp, like=q)  # [B|1, 1, L, L] or None
         w = _normalise(xp, spec.score(xp, q, k, p), mask, spec.normalization(p))  # [B, H, L, L]

@@ -31,7 +31,7 @@ def default_position_ids(B: int, # batch size
     first = torch.cummax(torch.where(start, idx, 0), dim=1).values  # [B, L] index of the document's first token
     return idx - first  # [B, L]
 
-# %% ../../nbs/11_attention.torch.ipynb #79de13f7
+# %% ../../nbs/11_attention.torch.ipynb #d45745a9
 class Attention(nn.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES`."
     def __init__(self, kind: str, # attention kind
@@ -50,6 +50,7 @@ class Attention(nn.Module):
         for name, arr in state.items():
             self.register_buffer(name, torch.from_numpy(arr.copy()), persistent=True)
         self.state_names = tuple(state)
+        self.validate_values = True  # check concrete mask/position values (a model that validated its inputs turns it off)
         self.fast_path = s.softmax_fast_path  # use SDPA for softmax kinds
 
     @property
@@ -110,8 +111,12 @@ class Attention(nn.Module):
                 output_attentions: bool = False, # also return the weights [B, H, L, L]
                ):
         "`[B, L, dim]` -> `[B, L, dim]` (and the attention weights when asked)."
-        check_inputs(self.spec, x, attention_mask, position_ids, segment_ids, causal, xp=xp_torch)
+        check_inputs(self.spec, x, attention_mask, position_ids, segment_ids, causal, xp=xp_torch,
+                     weight_dtype=self.q_proj.weight.dtype,
+                     values=self.validate_values)
         B, L, dim = x.shape
+        tok = kernels.token_mask(attention_mask, segment_ids, xp_torch)  # [B, L] real tokens, or None
+        if tok is not None: x = torch.where(tok[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))  # pads never reach the result (select, not multiply)
         if position_ids is None: position_ids = default_position_ids(B, L, segment_ids, x.device)
         q, k, v = self.qkv(x, position_ids)  # 3 x [B, H, L, D]
         if self.fast_path and self.spec.softmax_fast_path and not output_attentions:
