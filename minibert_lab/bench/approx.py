@@ -66,13 +66,13 @@ def approx_table(res: SweepResult) -> list[dict]:
 def approx_figure(res: SweepResult):
     "Log-log error vs features per head, one line per kind, ± std bars."
     import plotly.graph_objects as go
-    from minibert_lab.viz import COLORS
+    from minibert_lab.viz import kind_style
     fig = go.Figure()
     for i, kind in enumerate(dict.fromkeys(r["kind"] for r in res.rows)):
         rs = sorted((r for r in res.rows if r["kind"] == kind), key=lambda r: r["features"])
         fig.add_trace(go.Scatter(x=[r["features"] for r in rs], y=[r["rel_error"] for r in rs], name=f"{kind} → {rs[0]['target']}",
                                  error_y=dict(type="data", array=[r["rel_error_std"] for r in rs]), mode="lines+markers",
-                                 line=dict(color=COLORS[i % len(COLORS)])))
+                                 line=kind_style(kind)))
     fig.update_xaxes(type="log", title_text="features per head F"); fig.update_yaxes(type="log", title_text="relative output error")
     fig.update_layout(title="Approximation error vs feature budget", template="plotly_white", height=450)
     return fig

@@ -135,7 +135,7 @@ def attention_figure(rows: Sequence[Mapping], value: str = "median_s", title: st
     "Log-log lines of `value` (time or peak memory) against length, one line per kind, one panel per framework x direction."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    from minibert_lab.viz import COLORS
+    from minibert_lab.viz import kind_style
     panels = sorted({(r["framework"], r["causal"]) for r in rows})
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
                         subplot_titles=[f"{fw}, {'causal' if c else 'bidirectional'}" for fw, c in panels])
@@ -146,7 +146,7 @@ def attention_figure(rows: Sequence[Mapping], value: str = "median_s", title: st
                          if r["kind"] == kind and (r["framework"], r["causal"]) == p and r.get(value) is not None)
             fig.add_trace(go.Scatter(x=[a for a, _ in pts], y=[b for _, b in pts], name=kind, legendgroup=kind,
                                      showlegend=(j == 0), mode="lines+markers",
-                                     line=dict(color=COLORS[i % len(COLORS)], dash="solid" if i < len(COLORS) else "dash")),
+                                     line=kind_style(kind)),
                           row=1, col=j + 1)
     fig.update_xaxes(type="log", title_text="length L"); fig.update_yaxes(type="log")
     fig.update_yaxes(title_text={"median_s": "forward+backward time (s)", "peak_mib": "peak memory (MiB)"}.get(value, value),
