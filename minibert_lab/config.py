@@ -310,12 +310,13 @@ def preset_dict(name: str) -> dict:
     if fam == "modernbert" and size in ("small", "base"): d.update(local_window=128, max_len=1024)
     return d
 
-# %% ../nbs/00_config.ipynb #efe5a29d
+# %% ../nbs/00_config.ipynb #ed8a5f61
 @dataclass(frozen=True)
 class DataConfig(ConfigBase):
     "Corpus, tokenizer, masking, packing and batching."
     corpus: str = "shakespeare"        # embedded corpus name
     data_files: str | None = None      # local text/jsonl/parquet/csv file(s) instead of the corpus
+    validation_files: str | None = None # local file(s) of validation documents (default: a split of data_files)
     tokenizer: str | None = None       # local tokenizer folder; None: train the default on the corpus
     tokenizer_kind: str = "wordpiece"  # default tokenizer: "wordpiece" or "bpe"
     vocab_size: int = 8192             # size of the default tokenizer
