@@ -276,7 +276,7 @@ def resolve_model_path(path: str | Path,        # a run, checkpoint, save_pretra
                          f"save_pretrained folder {p} ({model.cfg.attention.kind} attention, dim {model.cfg.dim}, "
                          f"depth {model.cfg.depth}) as {framework}")
 
-# %% ../nbs/43_pretrain.ipynb #1619a130
+# %% ../nbs/43_pretrain.ipynb #065dc104
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
 LAB_PRESET = "tiny"
 LAB_STEPS = 600                    # optimizer steps per run
@@ -310,7 +310,7 @@ LAB_ROOT = "runs/lab"   # `minibert-lab lab` without --out writes a fresh LAB_RO
 LAB_FILES = ("report.html", "results.json")
 LAB_NOISE_EVALS = 3     # the noise column: spread of the validation loss over a run's last evaluations
 DOCS_URL = "https://minibert-lab.github.io/minibert_lab"   # the documentation site (pyproject.toml, _quarto.yml)
-LAB_EXPLAINED = {"Benchmark: model quality": f"{DOCS_URL}/bench_quality.html",
+LAB_EXPLAINED = {"Benchmark: MLM quality at a fixed CPU budget": f"{DOCS_URL}/bench_quality.html",
                  "Benchmark: attention kinds by length": f"{DOCS_URL}/bench_attention.html"}
 
 def fresh_lab_dir(root: str | Path = LAB_ROOT) -> Path:
@@ -402,7 +402,7 @@ def lab_setup(cfg: ExperimentConfig, kinds: Sequence[str], data) -> dict:
             "validation": f"{masked_tokens(list(data.validation)[: t.eval_batches])} masked tokens per evaluation "
                           f"(fixed masks, {min(len(data.validation), t.eval_batches or len(data.validation))} batches)",
             "seeds": f"train.seed={t.seed}, data.seed={d.seed}, one run per kind",
-            "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores".replace("  ", " ")}
+            "machine": ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPU cores") if x)}
 
 LAB_COLUMNS = {
     "val_loss": "mean cross-entropy (nats) of the masked validation tokens at the last step; lower is better",
@@ -411,8 +411,8 @@ LAB_COLUMNS = {
     "val_loss_spread": f"max − min of val_loss over the run's last {LAB_NOISE_EVALS} evaluations (progress plus noise): "
                        "differences between runs smaller than this are not meaningful",
     "tokens_per_s": "real (non-pad) training tokens per second, step 1 (compilation) excluded",
-    "train_s": "seconds spent in training steps (evaluation and checkpointing excluded)",
-    "time_to_target_s": "training seconds until the validation loss first reached the target loss, the worse of the "
+    "train_s": "seconds spent in training steps after step 1 (compilation, evaluation and checkpointing excluded)",
+    "time_to_target_s": "training seconds (all steps, step 1 included) until the validation loss first reached the target loss, the worse of the "
                         "runs' final validation losses (a loss every run reached), checked at each evaluation; the "
                         "worse run's value is therefore its whole training time",
     "flops_per_token": "model FLOPs per training token (forward + backward, from the registry's FLOP model)",
