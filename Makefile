@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml $(VENV)/.torch
 install: $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/minibert-lab lab --out runs/lab
+	$(VENV)/bin/minibert-lab lab   # a fresh runs/lab/YYYYmmdd-HHMMSS folder each time: earlier runs are kept
 
 test: $(STAMP)
 	$(VENV)/bin/nbdev-test --n-workers $(NBDEV_WORKERS) --timing

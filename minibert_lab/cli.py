@@ -14,7 +14,7 @@ from .config import preset_names
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'main', 'cli_config', 'load_model', 'cli_viz']
 
-# %% ../nbs/90_cli.ipynb #0bea77b5
+# %% ../nbs/90_cli.ipynb #97e6c03f
 SUBCOMMANDS = {
     "lab": ("minibert_lab.pretrain", "cli_lab", "train a softmax and a SLAY model on the embedded corpus and compare them"),
     "pretrain": ("minibert_lab.pretrain", "cli_pretrain", "MLM pre-training run (torch or JAX), resumable"),
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"minibert-lab {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: one line, no traceback, the shell's code for SIGINT
+        print(f"minibert-lab {name}: interrupted", file=sys.stderr)
+        return 130
 
 # %% ../nbs/90_cli.ipynb #44515827
 def cli_config(argv: Sequence[str]) -> int:
@@ -54,17 +57,17 @@ def cli_config(argv: Sequence[str]) -> int:
     print(experiment_from_args(args.preset, args.config, overrides).to_json())
     return 0
 
-# %% ../nbs/90_cli.ipynb #d8e372be
-def load_model(checkpoint: str | None, # folder written by `save_pretrained` (None: a fresh model)
+# %% ../nbs/90_cli.ipynb #a72fbbbe
+def load_model(checkpoint: str | None, # run, checkpoint, save_pretrained or Hugging Face folder (None: a fresh model)
                framework: str = "torch", # "torch" or "jax"
                preset: str = "tiny", # without a checkpoint: the model preset
                kind: str = "standard", # without a checkpoint: the attention kind
                vocab_size: int | None = None, # without a checkpoint: the vocabulary size (the tokenizer's)
               ):
-    "The MLM model of a checkpoint, or a freshly initialised preset model, in eval mode."
+    "The MLM model of a model folder (via `pretrain.resolve_model_path`), or a freshly initialised preset model, in eval mode."
     if checkpoint:
-        from minibert_lab.convert import load_pretrained
-        return load_pretrained(checkpoint, framework)
+        from minibert_lab.pretrain import resolve_model_path
+        return resolve_model_path(checkpoint, framework).model
     from minibert_lab.config import ModelConfig
     cfg = ModelConfig.preset(preset, attention=kind, **({} if vocab_size is None else {"vocab_size": vocab_size}))
     if framework == "torch":
@@ -87,11 +90,12 @@ def cli_viz(argv: Sequence[str]) -> int:
     k.add_argument("--draws", type=int, default=None, help="feature draws per kind (default: viz.SHAPE_DRAWS)")
     k.add_argument("--out", default="kernels.html")
     a = sub.add_parser("attention", help="attention maps of a checkpoint for a sentence")
-    a.add_argument("--checkpoint", default=None, help="folder written by save_pretrained")
+    a.add_argument("--checkpoint", "--model", dest="checkpoint", default=None,
+                   help="run folder, checkpoints/step_* folder, save_pretrained folder or Hugging Face BERT folder")
     a.add_argument("--framework", choices=("torch", "jax"), default="torch")
     a.add_argument("--preset", default="tiny", help="without --checkpoint: model preset (random init)")
     a.add_argument("--kind", default="standard", help="without --checkpoint: attention kind")
-    a.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: trained on the corpus)")
+    a.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: the model folder's, else trained on the corpus)")
     a.add_argument("--text", default="To be, or not to be, that is the question.")
     a.add_argument("--out", default="attention.html")
     args = p.parse_args(list(argv))
@@ -105,8 +109,20 @@ def cli_viz(argv: Sequence[str]) -> int:
         figs = [viz.kernel_shapes_figure(viz.kernel_shapes(**({} if args.draws is None else {"draws": args.draws})))]
     else:
         from minibert_lab.data import load_tokenizer
-        tok = load_tokenizer(args.tokenizer)
-        model = load_model(args.checkpoint, args.framework, args.preset, args.kind, len(tok))
+        if args.checkpoint:
+            from minibert_lab.pretrain import resolve_model_path
+            found = resolve_model_path(args.checkpoint, args.framework)
+            print(f"model: {found.kind}: {found.description}")
+            model, tok = found.model, (load_tokenizer(args.tokenizer) if args.tokenizer else found.tokenizer)
+            if tok is None:
+                tok = load_tokenizer()
+                print(f"tokenizer: {args.checkpoint} holds none; using the default trained on the embedded corpus")
+            if len(tok) > model.cfg.vocab_size:
+                raise ValueError(f"the tokenizer has {len(tok)} pieces, more than the model's vocab_size="
+                                 f"{model.cfg.vocab_size}; allowed: --tokenizer FOLDER with the model's own tokenizer")
+        else:
+            tok = load_tokenizer(args.tokenizer)
+            model = load_model(None, args.framework, args.preset, args.kind, len(tok))
         figs = viz.attention_figures(model, tok, args.text, title=f"Attention ({model.cfg.attention.kind})")
     print(viz.write_html(figs, args.out, title=f"minibert_lab viz {args.what}"))
     return 0

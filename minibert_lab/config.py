@@ -15,15 +15,18 @@ from .kernels.core import (ATTENTION_TYPES, DEFAULT_CHUNK_SIZE, KERNELS, MODULE_
                                        is_exact, kind_flops, max_position, resolve_params)
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'CE_CHUNK_ROWS', 'INIT_TRUNCATION_STDS', 'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS',
-           'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS', 'ConfigBase', 'KindParams', 'AttentionConfig',
-           'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig', 'TrainConfig', 'ExperimentConfig',
-           'parse_overrides']
+__all__ = ['IGNORE_INDEX', 'CE_CHUNK_ROWS', 'INIT_TRUNCATION_STDS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CHECKPOINT_FORMAT',
+           'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS',
+           'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig',
+           'TrainConfig', 'ExperimentConfig', 'parse_overrides', 'write_pretrained_files', 'read_pretrained_files']
 
-# %% ../nbs/00_config.ipynb #f6a7350c
+# %% ../nbs/00_config.ipynb #657cb15d
 IGNORE_INDEX = -100  # label of a position that is not predicted (Hugging Face's convention, `torch.nn.CrossEntropyLoss`'s default)
 CE_CHUNK_ROWS = 4096         # predicted rows per chunk of the sparse cross-entropy (bounds the logits held at once)
 INIT_TRUNCATION_STDS = 2.0   # truncated-normal initialisation is cut at this many standard deviations
+WEIGHTS_NAME = "model.safetensors"   # weights file of a `save_pretrained` folder (torch-style names, either framework)
+CONFIG_NAME = "config.json"          # `ModelConfig` file of a `save_pretrained` folder
+CHECKPOINT_FORMAT = "minibert_lab"   # safetensors metadata "format" of a `save_pretrained` folder
 
 # %% ../nbs/00_config.ipynb #cc21a6a6
 def _fail(cls, name, value, allowed):
@@ -310,12 +313,13 @@ def preset_dict(name: str) -> dict:
     if fam == "modernbert" and size in ("small", "base"): d.update(local_window=128, max_len=1024)
     return d
 
-# %% ../nbs/00_config.ipynb #efe5a29d
+# %% ../nbs/00_config.ipynb #ed8a5f61
 @dataclass(frozen=True)
 class DataConfig(ConfigBase):
     "Corpus, tokenizer, masking, packing and batching."
     corpus: str = "shakespeare"        # embedded corpus name
     data_files: str | None = None      # local text/jsonl/parquet/csv file(s) instead of the corpus
+    validation_files: str | None = None # local file(s) of validation documents (default: a split of data_files)
     tokenizer: str | None = None       # local tokenizer folder; None: train the default on the corpus
     tokenizer_kind: str = "wordpiece"  # default tokenizer: "wordpiece" or "bpe"
     vocab_size: int = 8192             # size of the default tokenizer
@@ -481,3 +485,43 @@ def parse_overrides(words: Sequence[str]) -> dict[str, str]:
             val = words[i + 1]; i += 2
         out[key] = val
     return out
+
+# %% ../nbs/00_config.ipynb #a4961d7a
+def write_pretrained_files(directory: str | Path, # folder (created or replaced)
+                           state: Mapping[str, Any], # torch-style name -> numpy array
+                           cfg: ModelConfig, # the model's config
+                           architecture: str, # the model's class name
+                          ) -> Path:
+    "Write `model.safetensors` and `config.json` to `directory`, atomically."
+    import os, shutil, tempfile
+    from safetensors.numpy import save_file
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(dict(state), str(tmp / WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT, "architecture": architecture})
+        cfg.to_json(tmp / CONFIG_NAME)
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / "ckpt")
+        os.replace(tmp, directory)
+        if old is not None: shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
+    return directory
+
+def read_pretrained_files(directory: str | Path, # a folder written by `write_pretrained_files`
+                         ) -> tuple[dict, ModelConfig, str]:
+    "The numpy state dict, `ModelConfig` and architecture of a `save_pretrained` folder; errors name the missing file."
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    d = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (d / name).is_file():
+            raise ValueError(f"directory={str(directory)!r} has no {name}; allowed: a folder written by save_pretrained")
+    try: cfg = ModelConfig.from_json(d / CONFIG_NAME)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{d / CONFIG_NAME}: {e}; allowed: a ModelConfig written by save_pretrained") from None
+    with safe_open(str(d / WEIGHTS_NAME), framework="numpy") as f: meta = f.metadata() or {}
+    return load_file(str(d / WEIGHTS_NAME)), cfg, meta.get("architecture", "MiniBERTForMaskedLM")

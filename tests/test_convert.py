@@ -140,3 +140,19 @@ def test_packed_rows_match_separate_rows():
     out = np.asarray(j(ids, segment_ids=seg).logits)                          # positions restart per document
     np.testing.assert_allclose(out[0, :4], out[1, :4], atol=PARITY_ATOL, rtol=0)
     np.testing.assert_allclose(out[0, 4:], out[2, :3], atol=PARITY_ATOL, rtol=0)
+
+
+def test_model_methods_save_and_load_across_frameworks(tmp_path):
+    "`model.save_pretrained` / `Model.from_pretrained` in both frameworks share one format; convert's functions are aliases."
+    import jax.numpy as jnp
+    from minibert_lab.jax.models import MiniBERTForMaskedLM as JaxMLM
+    from minibert_lab.torch.models import MiniBERTForMaskedLM as TorchMLM
+    cfg = tiny_cfg("minibert", "performer")
+    t = torch_model(cfg)
+    ids = batch()[0]
+    with torch.no_grad(): ref = t(torch.from_numpy(ids)).logits.numpy()
+    j = JaxMLM.from_pretrained(t.save_pretrained(tmp_path / "t"))
+    np.testing.assert_allclose(np.asarray(j(jnp.asarray(ids)).logits), ref, atol=1e-5)
+    t2 = TorchMLM.from_pretrained(j.save_pretrained(tmp_path / "j"))
+    with torch.no_grad(): np.testing.assert_allclose(t2(torch.from_numpy(ids)).logits.numpy(), ref, atol=1e-5)
+    assert type(load_pretrained(tmp_path / "j", "jax")) is JaxMLM and not t2.training

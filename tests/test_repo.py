@@ -39,3 +39,16 @@ def test_cli_help_and_config():
     assert '"kind": "slay"' in res.stdout and '"family": "neobert"' in res.stdout
     res = subprocess.run([*cmd, "config", "--model.heads", "5"], capture_output=True, text=True)
     assert res.returncode == 2 and "heads" in res.stderr
+
+
+def test_readme_states_durations_and_own_data():
+    text = (ROOT / "README.md").read_text()
+    assert "`make lab` takes about" in text and "`make test` about" in text
+    for s in ("--data-files", "--validation-file", "data.validation_files", "tokenizer/", "Hugging Face BERT folder"):
+        assert s in text, s
+
+
+def test_make_lab_keeps_earlier_runs():
+    "`make lab` works twice in a row and never deletes a previous lab: no fixed --out, no --overwrite."
+    recipe = (ROOT / "Makefile").read_text().split("\nlab:", 1)[1].split("\n\n", 1)[0]
+    assert "minibert-lab lab" in recipe and "--out" not in recipe.split("#")[0] and "--overwrite" not in recipe

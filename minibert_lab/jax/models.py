@@ -16,14 +16,17 @@ from flax import nnx
 from flax.core import meta as flax_meta
 from flax.core import spmd as flax_spmd
 
-from ..config import CE_CHUNK_ROWS, GATED_ACTIVATIONS, IGNORE_INDEX, INIT_TRUNCATION_STDS, ModelConfig
+from ..config import (CE_CHUNK_ROWS, GATED_ACTIVATIONS, IGNORE_INDEX, INIT_TRUNCATION_STDS, ModelConfig,
+                                 read_pretrained_files, write_pretrained_files)
+from pathlib import Path
 from ..kernels import validate_masks
 from .attention import build_attention, default_position_ids
 
 # %% auto #0
 __all__ = ['PREDICTION_BUCKET', 'MODEL_AXIS', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'VOCAB_PARALLEL', 'EAGER_JIT', 'make_norm',
            'gelu_erf', 'gelu_tanh', 'activation_fn', 'FeedForward', 'Block', 'validate_inputs', 'EncoderOutput',
-           'Embeddings', 'MiniBERT', 'MaskedLMOutput', 'prediction_bound', 'MLMHead', 'MiniBERTForMaskedLM']
+           'Embeddings', 'MiniBERT', 'MaskedLMOutput', 'prediction_bound', 'MLMHead', 'MiniBERTForMaskedLM',
+           'architecture_class', 'torch_state_to_nnx', 'nnx_state_numpy']
 
 # %% ../../nbs/21_models.jax.ipynb #e11b8e16
 PREDICTION_BUCKET = 64       # host-computed bounds on the number of predictions are multiples of this
@@ -422,3 +425,83 @@ class MiniBERTForMaskedLM(nnx.Module):
         loss = loss_sum / jnp.maximum(n_used, 1).astype(loss_sum.dtype)
         logits = hs @ w + b if return_logits else None                       # [N_max, vocab]
         return MaskedLMOutput(loss, logits, loss_sum, n_used, enc.hidden_states, enc.attentions)
+
+# %% ../../nbs/21_models.jax.ipynb #2244112a
+def _to_numpy(x) -> np.ndarray:
+    "A host numpy copy of a torch tensor, a JAX array or an array-like (bf16 torch tensors become float32)."
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16": x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+def architecture_class(name: str):
+    "The JAX model class of an architecture name (`MiniBERTForMaskedLM` or `MiniBERT`)."
+    classes = {"MiniBERTForMaskedLM": MiniBERTForMaskedLM, "MiniBERT": MiniBERT}
+    if name not in classes: raise ValueError(f"architecture={name!r} is unknown; allowed: {', '.join(classes)}")
+    return classes[name]
+
+def _abstract_nnx(cfg: ModelConfig, architecture: str):
+    "The NNX model of `cfg` with shapes and types only (no arrays computed)."
+    cls = architecture_class(architecture)
+    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+
+def _nnx_layout(model) -> list[tuple[tuple, str, bool]]:
+    "(NNX path, torch name, transpose?) for every non-RNG variable of NNX `model`."
+    modules = dict(nnx.iter_modules(model))
+    out = []
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState))):
+        owner, leaf = modules.get(tuple(path[:-1])), path[-1]
+        name, transpose = str(leaf), False
+        if isinstance(owner, nnx.Linear) and leaf == "kernel": name, transpose = "weight", True
+        elif isinstance(owner, nnx.Embed) and leaf == "embedding": name = "weight"
+        elif isinstance(owner, (nnx.LayerNorm, nnx.RMSNorm)) and leaf == "scale": name = "weight"
+        out.append((tuple(path), ".".join(map(str, path[:-1] + (name,))), transpose))
+    return out
+
+def torch_state_to_nnx(state_dict, # torch-style names -> tensors/arrays
+                       cfg: ModelConfig, # the model's config
+                       architecture: str = "MiniBERTForMaskedLM", # or "MiniBERT"
+                      ):
+    "The `nnx.State` (params and random-feature state) of a torch-style state dict; apply with `nnx.update`."
+    abstract = _abstract_nnx(cfg, architecture)
+    layout = _nnx_layout(abstract)
+    flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Not(nnx.RngState))))
+    expected = {name for _, name, _ in layout}
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state_dict does not match the {architecture} of this config: missing keys {missing}, "
+                         f"unexpected keys {unexpected}; allowed: exactly the keys {sorted(expected)}")
+    out = []
+    for path, name, transpose in layout:
+        arr = _to_numpy(state_dict[name])
+        if transpose: arr = arr.T
+        var = flat[path]
+        if tuple(arr.shape) != tuple(var.get_value().shape):
+            raise ValueError(f"state_dict[{name!r}] has shape {tuple(arr.shape)}{' (transposed)' if transpose else ''}; "
+                             f"allowed: {tuple(var.get_value().shape)} for this config")
+        out.append((path, var.replace(jnp.asarray(arr, dtype=var.get_value().dtype))))
+    return nnx.from_flat_state(out)
+
+def nnx_state_numpy(model) -> dict[str, np.ndarray]:
+    "Torch-style state dict of NNX `model` as numpy arrays (kernels transposed, RNG streams left out)."
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState))))
+    return {name: np.ascontiguousarray(_to_numpy(flat[path].get_value()).T if transpose else _to_numpy(flat[path].get_value()))
+            for path, name, transpose in _nnx_layout(model)}
+
+def _save_pretrained(self, directory: str | Path) -> Path:
+    "Write this model's `model.safetensors` (torch names) and `config.json` to `directory` (atomically); either framework loads it."
+    return write_pretrained_files(directory, nnx_state_numpy(self), self.cfg, type(self).__name__)
+
+def _from_pretrained(cls, directory: str | Path, *, rngs: nnx.Rngs | None = None):
+    "The model stored in a `save_pretrained` folder (written by either framework), in eval mode (`rngs`: dropout streams)."
+    state, cfg, arch = read_pretrained_files(directory)
+    if arch != cls.__name__:
+        raise ValueError(f"{str(directory)!r} holds a {arch}; allowed: a {cls.__name__} folder (or {arch}.from_pretrained)")
+    model = cls(cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    nnx.update(model, torch_state_to_nnx(state, cfg, arch))
+    model.eval()
+    return model
+
+for _cls in (MiniBERT, MiniBERTForMaskedLM):
+    _cls.save_pretrained, _cls.from_pretrained = _save_pretrained, classmethod(_from_pretrained)

@@ -7,6 +7,8 @@ Docs: https://minibert-lab.github.io/minibert_lab/models.torch.html.md"""
 # %% ../../nbs/20_models.torch.ipynb #1acdf964
 from __future__ import annotations
 import statistics, time
+from pathlib import Path
+import numpy as np
 from typing import Callable, NamedTuple
 
 import torch
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import CE_CHUNK_ROWS, GATED_ACTIVATIONS, IGNORE_INDEX, INIT_TRUNCATION_STDS, ModelConfig
+from ..config import (CE_CHUNK_ROWS, GATED_ACTIVATIONS, IGNORE_INDEX, INIT_TRUNCATION_STDS, ModelConfig,
+                                 read_pretrained_files, write_pretrained_files)
 from ..kernels import validate_masks
 from .attention import build_attention, default_position_ids
 
@@ -390,6 +393,25 @@ class MiniBERTForMaskedLM(nn.Module):
         n = (y != IGNORE_INDEX).sum()
         loss = loss_sum / n.clamp(min=1)
         return MaskedLMOutput(loss, logits, loss_sum, n, enc.hidden_states, enc.attentions)
+
+# %% ../../nbs/20_models.torch.ipynb #fe0f8e39
+def _save_pretrained(self, directory: str | Path) -> Path:
+    "Write this model's `model.safetensors` and `config.json` to `directory` (atomically); either framework loads it."
+    state = {k: np.ascontiguousarray((v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy())
+             for k, v in self.state_dict().items()}
+    return write_pretrained_files(directory, state, self.cfg, type(self).__name__)
+
+def _from_pretrained(cls, directory: str | Path):
+    "The model stored in a `save_pretrained` folder (written by either framework), in eval mode."
+    state, cfg, arch = read_pretrained_files(directory)
+    if arch != cls.__name__:
+        raise ValueError(f"{str(directory)!r} holds a {arch}; allowed: a {cls.__name__} folder (or {arch}.from_pretrained)")
+    model = cls(cfg)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    return model.eval()
+
+for _cls in (MiniBERT, MiniBERTForMaskedLM):
+    _cls.save_pretrained, _cls.from_pretrained = _save_pretrained, classmethod(_from_pretrained)
 
 # %% ../../nbs/20_models.torch.ipynb #01486837
 def _mlm_batch(batch_size, seq_len, vocab_size, mask_prob, seed):
