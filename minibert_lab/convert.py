@@ -6,13 +6,14 @@ Docs: https://minibert-lab.github.io/minibert_lab/convert.html.md"""
 
 # %% ../nbs/22_convert.ipynb #c78fd8a6
 from __future__ import annotations
-import os, shutil, tempfile
+import errno, os, re, shutil, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .config import CHECKPOINT_FORMAT as FORMAT, CONFIG_NAME, WEIGHTS_NAME, ModelConfig, read_pretrained_files
+from .config import CHECKPOINT_FORMAT as FORMAT, CONFIG_NAME, WEIGHTS_NAME, ModelConfig, read_pretrained_files, saving_to
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'FRAMEWORKS', 'architecture_of', 'torch_state_to_nnx', 'nnx_state_numpy', 'nnx_state_to_torch',
@@ -124,7 +125,7 @@ def save_pretrained(model, # torch or JAX MiniBERTForMaskedLM / MiniBERT
                    ) -> Path:
     "Write `model.safetensors` (torch-style names) and `config.json` to `directory`, atomically (`model.save_pretrained`)."
     architecture_of(model)
-    return model.save_pretrained(directory)
+    with saving_to(directory): return model.save_pretrained(directory)
 
 def load_config(directory: str | Path) -> ModelConfig:
     "The `ModelConfig` of a checkpoint folder."

@@ -1,5 +1,5 @@
 "Hugging Face interop: `minibert_lab.hf.from_hf` / `to_hf` against `transformers` BERT models (nothing downloaded from a hub)."
-import os, subprocess, sys, zipfile
+import json, os, subprocess, sys, zipfile
 from pathlib import Path
 
 import pytest
@@ -73,7 +73,7 @@ def test_to_hf_round_trip(tmp_path, tied):
     ours = from_hf(tmp_path / "in")
     assert (ours.head.decoder is None) == tied and ours.cfg.activation == "gelu_tanh"
     to_hf(ours, tmp_path / "out")
-    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", trust_remote_code=False).eval()
     ids, mask, tt = padded_batch(2)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
@@ -87,7 +87,7 @@ def test_to_hf_encoder_round_trip(tmp_path):
     hf = hf_bert(transformers.BertModel, seed=3)
     hf.save_pretrained(tmp_path / "in")
     to_hf(from_hf(tmp_path / "in"), tmp_path / "out")
-    back = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    back = transformers.AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=False).eval()
     ids, mask, tt = padded_batch(3)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt)
@@ -119,6 +119,8 @@ def test_config_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="framework"): from_hf(tmp_path, framework="tf")
     with pytest.raises(ValueError, match="config.json"): from_hf(tmp_path)
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config.json.*lacks \['vocab_size'"): from_hf(tmp_path)   # before the weights
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
     with pytest.raises(ValueError, match="safetensors"): from_hf(tmp_path)
 
 
@@ -137,7 +139,7 @@ def test_from_hf_jax(tmp_path):
     real = mask.numpy().astype(bool)
     np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=1e-4)
     to_hf(jm, tmp_path / "out")                                             # JAX model -> HF folder (via jax_to_torch)
-    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", trust_remote_code=False).eval()
     with torch.no_grad(): again = back(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits.numpy()
     np.testing.assert_allclose(again[real], ref[real], atol=1e-5, rtol=1e-5)
 
@@ -166,9 +168,9 @@ def minilm_folder() -> Path:
 def test_all_minilm_l6_v2_hidden_states():
     folder = minilm_folder()
     ours = from_hf(folder)
-    hf = transformers.BertModel.from_pretrained(folder).eval()
+    hf = transformers.BertModel.from_pretrained(folder, trust_remote_code=False).eval()
     assert isinstance(ours, MiniBERT) and ours.cfg.dim == hf.config.hidden_size
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     enc = tok(["The quick brown fox jumps over the lazy dog.", "Attention is all you need, mostly."],
               padding=True, return_tensors="pt")
     with torch.no_grad():
