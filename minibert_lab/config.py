@@ -25,7 +25,7 @@ IGNORE_INDEX = -100  # label of a position that is not predicted (Hugging Face's
 CE_CHUNK_ROWS = 4096         # predicted rows per chunk of the sparse cross-entropy (bounds the logits held at once)
 INIT_TRUNCATION_STDS = 2.0   # truncated-normal initialisation is cut at this many standard deviations
 
-# %% ../nbs/00_config.ipynb #cc21a6a6
+# %% ../nbs/00_config.ipynb #223a8940
 def _fail(cls, name, value, allowed):
     raise ValueError(f"{cls}.{name}={value!r} is invalid; allowed: {allowed}")
 
@@ -36,6 +36,8 @@ def _check_range(cls, name, value, lo=None, hi=None, lo_open=False, hi_open=Fals
     if value is None and optional: return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(cls, name, value, f"a number{' or None' if optional else ''}")
+    if value != value or value in (float("inf"), float("-inf")):   # NaN or infinite: never a usable setting
+        _fail(cls, name, value, f"a finite number{' or None' if optional else ''}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
           (hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
