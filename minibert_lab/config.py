@@ -30,7 +30,7 @@ WEIGHTS_NAME = "model.safetensors"   # weights file of a `save_pretrained` folde
 CONFIG_NAME = "config.json"          # `ModelConfig` file of a `save_pretrained` folder
 CHECKPOINT_FORMAT = "minibert_lab"   # safetensors metadata "format" of a `save_pretrained` folder
 
-# %% ../nbs/00_config.ipynb #cc21a6a6
+# %% ../nbs/00_config.ipynb #223a8940
 def _fail(cls, name, value, allowed):
     raise ValueError(f"{cls}.{name}={value!r} is invalid; allowed: {allowed}")
 
@@ -41,6 +41,8 @@ def _check_range(cls, name, value, lo=None, hi=None, lo_open=False, hi_open=Fals
     if value is None and optional: return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(cls, name, value, f"a number{' or None' if optional else ''}")
+    if value != value or value in (float("inf"), float("-inf")):   # NaN or infinite: never a usable setting
+        _fail(cls, name, value, f"a finite number{' or None' if optional else ''}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
           (hi is not None and (value >= hi if hi_open else value > hi))
     if bad:

@@ -238,3 +238,115 @@ def test_lab_cli_small(tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["attention"] for r in res["rows"]] == ["standard", "slay"] and res["unigram_entropy"] > 0
     assert T.verify_checkpoint(T.latest_checkpoint(tmp_path / "torch-slay")) is None
+
+
+# ---- non-finite states, divergence, token ids, resume of a finished run, Ctrl-C plumbing (issues 16, 17) ----
+
+def _checkpoint_states_finite(out, cfg):
+    "Every checkpoint of a run, loaded into a fresh backend, holds only finite parameters and optimizer state."
+    be = P.make_backend(cfg)
+    for ck in T.list_checkpoints(out):
+        be.load(ck)
+        assert be.nonfinite_state() == [], ck
+
+
+def test_torch_overflowing_update_is_never_checkpointed(tmp_path, data_and_cfg):
+    "lr 1e39: the loss of step 2 is finite, its update is not; with save_every 1 and on_nan restore nothing bad is sealed or restored."
+    data, cfg, _ = data_and_cfg
+    bad = cfg.override({"train.lr": 1e39, "train.save_every": 1, "train.on_nan": "restore", "train.steps": 6,
+                        "train.eval_every": 100})
+    with pytest.warns(UserWarning, match="non-finite parameters or optimizer state .*restoring step_00000001"), \
+         pytest.raises(T.NonFiniteLossError, match="non-finite parameters or optimizer state"):
+        T.fit(P.make_backend(bad), bad, data.train, data.validation, tmp_path, progress=False)
+    assert [p.name for p in T.list_checkpoints(tmp_path)] == ["step_00000001"]     # warmup: step 1 has lr 0
+    _checkpoint_states_finite(tmp_path, bad)
+
+
+class _Repeat:
+    "A loader that yields the same batch forever (one shape, one prediction bound: one JAX compilation)."
+    def __init__(self, batch): self.batch, self.i = batch, 0
+    def __iter__(self):
+        while True:
+            self.i += 1; yield self.batch
+    def state_dict(self): return {"i": self.i}
+    def load_state_dict(self, d): self.i = d["i"]
+
+
+def test_jax_overflowing_update_is_never_checkpointed(tmp_path, data_and_cfg):
+    "JAX, lr 1e39 (inf in float32): the loss of step 1 is finite, its update makes the state NaN; the backend names the arrays, nothing is sealed."
+    data, cfg, batches = data_and_cfg
+    bad = cfg.override({"train.framework": "jax", "train.lr": 1e39, "train.grad_clip": None, "train.steps": 4,
+                        "train.save_every": 1, "train.eval_every": 100})
+    be = P.make_backend(bad)
+    with pytest.raises(T.NonFiniteLossError, match=r"non-finite parameters or optimizer state in \d+ arrays \(params\.bert\..* at step 1"):
+        T.fit(be, bad, _Repeat(batches[0]), data.validation, tmp_path, progress=False)
+    assert [r["loss"] for r in T.read_metrics(tmp_path) if "loss" in r][0] < 10    # the loss itself was finite
+    assert all(n.startswith("params.") for n in be.nonfinite_state())        # the moments stayed finite
+    assert T.list_checkpoints(tmp_path) == []
+    import jax, jax.numpy as jnp
+    be.opt_state = jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, be.opt_state)
+    assert any(n.startswith("optimizer.") for n in be.nonfinite_state())
+
+
+def test_torch_finite_divergence_is_an_error(tmp_path, data_and_cfg):
+    "lr 1e3 with the default clipping: the loss explodes to ~1e7 but stays finite; the run stops with DivergenceError."
+    data, cfg, _ = data_and_cfg
+    bad = cfg.override({"train.lr": 1e3, "train.steps": 30, "train.eval_every": 100, "train.save_every": 100})
+    with pytest.raises(T.DivergenceError, match="diverged"):
+        T.fit(P.make_backend(bad), bad, data.train, data.validation, tmp_path, progress=False)
+
+
+def test_jax_backend_checks_token_ids(data_and_cfg):
+    "Like the torch model, the JAX backend refuses out-of-range ids with a ValueError (not a NaN loss or a wrap-around)."
+    _, cfg, batches = data_and_cfg
+    be = P.make_backend(cfg.override({"train.framework": "jax"}))
+    V = cfg.model.vocab_size
+    for key, value in (("input_ids", V), ("input_ids", -1), ("labels", V)):
+        b = {k: np.array(v, copy=True) for k, v in batches[0].items()}
+        b[key][0, 1] = value
+        for call in (lambda: be.train_step([b]), lambda: be.eval_batch(b), lambda: be.train_step([batches[1], b])):
+            with pytest.raises(ValueError, match=rf"{key} has values outside \[0, {V}\)"): call()
+    assert be.step == 0                                   # nothing was applied
+
+
+def test_cli_resume_of_finished_run_and_extension(tmp_path, capsys):
+    "Resuming a finished run prints finite numbers (no NaN); a larger --steps extends it; all checkpoint files share one mode."
+    import stat
+    assert main(pretrain_args(tmp_path, steps=2)) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(pretrain_args(tmp_path, steps=2, extra=["--resume"])) == 0
+    again = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "NaN" not in again and json.loads(again)["val_loss"] == json.loads(first)["val_loss"], (first, again)
+    with pytest.warns(UserWarning, match="train.steps changed from 2 to 4"):
+        assert main(pretrain_args(tmp_path, steps=4, extra=["--resume"])) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    assert [r["step"] for r in T.read_metrics(tmp_path) if "val_loss" in r] == [2, 4]
+    ck = T.latest_checkpoint(tmp_path)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in ck.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_torch_thread_count_is_recorded(tmp_path, data_and_cfg):
+    import torch
+    from minibert_lab.torch.train import TorchBackend, RUNTIME_FILE
+    _, cfg, _ = data_and_cfg
+    be = TorchBackend(cfg); be.save(tmp_path)
+    assert json.loads((tmp_path / RUNTIME_FILE).read_text())["num_threads"] == torch.get_num_threads()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n + 1)
+        with pytest.warns(UserWarning, match=rf"written with {n} torch threads, this process uses {n + 1}"):
+            TorchBackend(cfg).load(tmp_path)
+    finally:
+        torch.set_num_threads(n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error"); TorchBackend(cfg).load(tmp_path)
+
+
+def test_ddp_without_torchrun_warns(data_and_cfg, monkeypatch):
+    from minibert_lab.torch.train import TorchBackend
+    _, cfg, _ = data_and_cfg
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="train.distributed='ddp' .*torchrun --nproc_per_node"):
+        be = TorchBackend(cfg.override({"train.distributed": "ddp"}))
+    assert be.world == 1
