@@ -182,6 +182,9 @@ def cli_pretrain(argv: Sequence[str]) -> int:
     "`minibert-lab pretrain`: one resumable MLM pre-training run."
     args, overrides = pretrain_parser().parse_known_args(list(argv))
     cfg = experiment_from_cli(args, overrides)
+    if any(w.lstrip("-").split("=")[0] == "model.vocab_size" for w in overrides):  # the tokenizer decides
+        print("minibert-lab pretrain: note: --model.vocab_size is replaced by the tokenizer's vocabulary size "
+              f"(data.vocab_size={cfg.data.vocab_size} for a trained tokenizer); set --data.vocab_size instead", file=sys.stderr)
     for f in (cfg.data.data_files, cfg.data.validation_files):   # before any work (tokenizer training)
         if f and not Path(f).is_file(): raise ValueError(f"data file {f!r} does not exist; allowed: an existing local file")
     interrupted = f"minibert-lab pretrain: interrupted; continue with --resume --out {args.out}"
@@ -190,11 +193,11 @@ def cli_pretrain(argv: Sequence[str]) -> int:
         print(f"minibert-lab pretrain: stopped: {e}", file=sys.stderr); return 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr); return 130
-    if getattr(res, "interrupted", False):   # `fit` stopped cleanly on Ctrl-C
+    if res.interrupted:   # `fit` stopped cleanly on Ctrl-C
         print(f"{interrupted} (last step {res.step})", file=sys.stderr); return 130
     ev = res.final_eval or {}
     print(json.dumps({"out": str(res.out), "step": res.step, "stopped": res.stopped,
-                      "tokens_per_s": round(res.train_tokens_per_s, 1), **{k: ev[k] for k in ev if k != "step"}}))
+                      "tokens_per_s": (None if res.train_tokens_per_s is None else round(res.train_tokens_per_s, 1)), **{k: ev[k] for k in ev if k != "step"}}))
     return 0
 
 # %% ../nbs/43_pretrain.ipynb #617c92d0
@@ -361,7 +364,7 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
             run_dir = out / names[kind]
             bar.set_postfix_str(names[kind])
             res, backend, data = pretrain(cfg, run_dir, progress=False, on_step=lambda: bar.update(1))
-            if getattr(res, "interrupted", False): raise KeyboardInterrupt
+            if res.interrupted: raise KeyboardInterrupt
             if entropy is None:
                 entropy = unigram_entropy(data.tokenizer, load_corpus(cfg.data.corpus, "train")["text"])
                 setup = lab_setup(cfg.with_vocab(len(data.tokenizer), data.tokenizer.pad_token_id), kinds, data)

@@ -163,3 +163,11 @@ def test_lab_report_explains_itself(tmp_path, capsys):
     assert html.count("plotly.js v") <= 1 and html.count("Plotly.newPlot") == 2
     assert html.count('"coloraxis":"coloraxis"') == 2 and '"cmin":0.0' in html   # both kinds' maps, one colour scale
     assert (out / "torch-standard" / "tokenizer").is_dir()
+
+
+def test_pretrain_says_the_tokenizer_sets_the_vocabulary(capsys):
+    "--model.vocab_size is replaced by the tokenizer's size: the command says so (then stops on the missing data file)."
+    from minibert_lab.pretrain import cli_pretrain
+    with pytest.raises(ValueError, match="does not exist"):
+        cli_pretrain(["--out", "/nonexistent/never-written", "--data-files", "/no/such.txt", "--model.vocab_size", "300"])
+    assert "model.vocab_size is replaced" in capsys.readouterr().err

