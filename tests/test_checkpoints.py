@@ -206,3 +206,47 @@ def test_finished_run_can_be_extended(tmp_path):
                     tmp_path, resume=True, progress=False)
     assert res.step == 7 and [r["step"] for r in T.read_metrics(tmp_path) if "loss" in r] == list(range(1, 8))
     assert ExperimentConfig.from_json(tmp_path / T.CONFIG_FILE).train.steps == 7
+
+
+# ---- property: a kill at any file operation of a run, then a resume, ends where an uninterrupted run ends ----
+
+from hypothesis import given, settings, strategies as st
+
+
+class Killed(BaseException):
+    "A simulated SIGKILL: not an `Exception`, so nothing in the loop can catch it and clean up."
+
+
+KILL_RUN = dict(steps=6, save_every=2, eval_every=3, keep_checkpoints=2)
+KILL_LOSSES, KILL_WS = [5.0 - 0.1 * i for i in range(12)], [1.0 + i for i in range(12)]
+
+
+def _killing(fn, counter, at):
+    def wrapped(*a, **k):
+        counter[0] += 1
+        if counter[0] == at: raise Killed()
+        return fn(*a, **k)
+    return wrapped
+
+
+@given(at=st.integers(1, 12))          # the run makes 9 such operations: every kill point, and one past the end
+@settings(max_examples=12, derandomize=True, deadline=None, database=None)
+def test_random_kill_points_resume_to_the_same_run(tmp_path_factory, at):
+    "Kill at the `at`-th file write, replace or backend save (inside or between checkpoints); resume; same final state."
+    ref = tmp_path_factory.mktemp("ref")
+    T.fit(Scripted(KILL_LOSSES, KILL_WS), cfg(**KILL_RUN), Loader(), [{}], ref, progress=False)
+    out = tmp_path_factory.mktemp("killed")
+    counter, real_replace, real_fsync = [0], os.replace, os.fsync
+    be = Scripted(KILL_LOSSES, KILL_WS)
+    be.save = _killing(be.save, counter, at)
+    os.replace, os.fsync = _killing(real_replace, counter, at), _killing(real_fsync, counter, at)
+    try: T.fit(be, cfg(**KILL_RUN), Loader(), [{}], out, progress=False)
+    except Killed: pass
+    finally: os.replace, os.fsync = real_replace, real_fsync
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # a half-written checkpoint is skipped with a warning
+        res = T.fit(Scripted(KILL_LOSSES, KILL_WS), cfg(**KILL_RUN), Loader(), [{}], out, resume=True, progress=False)
+    assert res.step == KILL_RUN["steps"]
+    good = [p for p in T.list_checkpoints(out) if T.verify_checkpoint(p) is None]
+    assert good and good[-1].name == "step_00000006"
+    assert {p.name: json.loads((p / "w.json").read_text())["w"] for p in good}.items() >= {"step_00000006": saved_ws(ref)["step_00000006"]}.items()
