@@ -107,7 +107,7 @@ class ConfigBase:
         "A copy with fields replaced (validated again)."
         return replace(self, **kw)
 
-# %% ../nbs/00_config.ipynb #f0dd0d36
+# %% ../nbs/00_config.ipynb #45213eb3
 class KindParams(Mapping):
     "An immutable, hashable mapping of an attention kind's parameters (static under `jax.jit`)."
     __slots__ = ("_d",)
@@ -136,7 +136,7 @@ class AttentionConfig(ConfigBase):
 
     def __post_init__(self):
         n = "AttentionConfig"
-        if self.kind not in KERNELS: _fail(n, "kind", self.kind, ", ".join(repr(k) for k in KERNELS))
+        if not isinstance(self.kind, str) or self.kind not in KERNELS: _fail(n, "kind", self.kind, ", ".join(repr(k) for k in KERNELS))
         for f in ("rope", "rope_theta", "dropout", "seed", "chunk_size"):
             object.__setattr__(self, f, MODULE_PARAMS[f].check(f"{n}.{f}", getattr(self, f)))
         if not isinstance(self.params, Mapping): _fail(n, "params", self.params, "a mapping of the kind's parameters")
@@ -157,7 +157,9 @@ class AttentionConfig(ConfigBase):
             legacy = {k: v for k, v in d.items() if k not in names and _kind_param_owner(k)}
             if legacy:
                 d = {k: v for k, v in d.items() if k not in legacy}
-                d["params"] = {**{k: v for k, v in legacy.items() if v is not None}, **dict(d.get("params") or {})}
+                given = d.get("params") or {}
+                if not isinstance(given, Mapping): _fail(cls.__name__, "params", given, "a mapping of the kind's parameters")
+                d["params"] = {**{k: v for k, v in legacy.items() if v is not None}, **dict(given)}
         return super().from_dict(d)
 
     def kind_params(self) -> dict:
