@@ -7,7 +7,9 @@ Docs: https://minibert-lab.github.io/minibert_lab/attention.torch.html.md"""
 # %% auto #0
 __all__ = ['HALF_DTYPES', 'default_position_ids', 'Attention', 'build_attention']
 
-# %% ../../nbs/11_attention.torch.ipynb #0e6e327a
+# %% ../../nbs/11_attention.torch.ipynb #d2ce002f
+import warnings
+
 import array_api_compat.torch as xp_torch
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,13 @@ from .. import kernels
 from ..attention_spec import AttentionSpec, attention_spec, check_inputs
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # run the kernel core in fp32 for these
+
+# torch.compile warns once per cached helper of array_api_compat ("Dynamo detected a call to a `functools.lru_cache`-
+# wrapped function ... Silent incorrectness is only a *potential* risk"): those helpers (`is_torch_array`,
+# `array_namespace`, ...) are pure type checks keyed on classes, so tracing through the wrapped function gives the
+# same answer as the cache. The warning is filtered for array_api_compat's helpers only.
+warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function at '_helpers\.py",
+                        category=UserWarning)
 
 # %% ../../nbs/11_attention.torch.ipynb #7319341c
 def default_position_ids(B: int, # batch size
