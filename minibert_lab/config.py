@@ -18,9 +18,9 @@ from .kernels.core import (ATTENTION_TYPES, DEFAULT_CHUNK_SIZE, KERNELS, MODULE_
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'CE_CHUNK_ROWS', 'INIT_TRUNCATION_STDS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CHECKPOINT_FORMAT',
            'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS',
-           'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names', 'preset_dict', 'DataConfig',
-           'TrainConfig', 'ExperimentConfig', 'parse_overrides', 'saving_to', 'write_pretrained_files',
-           'read_pretrained_files']
+           'CUSTOM_CODE_KEY', 'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names',
+           'preset_dict', 'DataConfig', 'TrainConfig', 'ExperimentConfig', 'parse_overrides', 'read_json_object',
+           'saving_to', 'write_pretrained_files', 'read_pretrained_files']
 
 # %% ../nbs/00_config.ipynb #657cb15d
 IGNORE_INDEX = -100  # label of a position that is not predicted (Hugging Face's convention, `torch.nn.CrossEntropyLoss`'s default)
@@ -492,7 +492,23 @@ def parse_overrides(words: Sequence[str]) -> dict[str, str]:
         out[key] = val
     return out
 
-# %% ../nbs/00_config.ipynb #ae3f9ee3
+# %% ../nbs/00_config.ipynb #7f9879c3
+CUSTOM_CODE_KEY = "auto_map"  # the key with which a foreign folder's JSON asks transformers to import its own Python (refused)
+
+def read_json_object(file: str | Path, # a JSON file of a folder made elsewhere (tokenizer, Hugging Face model)
+                     label: str, # how the file is named in errors
+                     allowed: str, # what a good file is, for the errors
+                    ) -> dict:
+    "The file's JSON object; undecodable text, a non-object or a request to run custom code (`auto_map`) is a `ValueError`."
+    try: obj = json.loads(Path(file).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{label} is not valid JSON ({type(e).__name__}: {e}); allowed: {allowed}") from e
+    if not isinstance(obj, dict): raise ValueError(f"{label} holds a JSON {type(obj).__name__}; allowed: a JSON object ({allowed})")
+    if CUSTOM_CODE_KEY in obj:
+        raise ValueError(f"{label} has an {CUSTOM_CODE_KEY!r} entry {repr(obj[CUSTOM_CODE_KEY])[:120]}: it asks to run the "
+                         f"folder's own Python code, which minibert_lab never does; allowed: {allowed}")
+    return obj
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)                # a full disk or quota
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # permissions, a read-only file system
 _OS_ERROR_RE = re.compile(r"os error (\d+)")           # how Rust writers (safetensors) quote the errno

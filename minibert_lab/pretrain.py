@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
-from .config import IGNORE_INDEX, ExperimentConfig, ModelConfig, parse_overrides, preset_names
+from .config import IGNORE_INDEX, ExperimentConfig, ModelConfig, parse_overrides, preset_names, read_json_object
 from .kernels import is_exact
 from .data import HELDOUT_FRACTION, build_data, encode_corpus, fixed_batches, load_corpus, load_text_files, load_tokenizer
 from .train import (CHECKPOINTS, CONFIG_FILE, MANIFEST, Backend, FitResult, NonFiniteLossError, fit,
@@ -126,11 +126,7 @@ def read_json_file(path: str | Path, what: str) -> dict:
     "The JSON object in file `path`; errors name the file and `what` was expected."
     p = Path(path)
     if not p.is_file(): raise ValueError(f"file {str(p)!r} does not exist; allowed: {what}")
-    try: d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"file {str(p)!r} is not valid JSON ({e}); allowed: {what}") from None
-    if not isinstance(d, dict): raise ValueError(f"file {str(p)!r} holds a JSON {type(d).__name__}; allowed: {what}")
-    return d
+    return read_json_object(p, f"file {str(p)!r}", what)
 
 def read_experiment_config(path: str | Path) -> ExperimentConfig:
     "The `ExperimentConfig` of a JSON file; errors name the file and tell a model or Hugging Face config apart."
