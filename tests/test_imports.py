@@ -25,6 +25,7 @@ LAYERS = {
     "minibert_lab.convert": 5,
     "minibert_lab.hf": 6,
     "minibert_lab.data": 7,
+    "minibert_lab.tasks": 7,             # packaged labelled tasks: may use config and data, never models or train
     "minibert_lab.train": 8,              # the loop library
     "minibert_lab.torch.train": 9,        # its backends
     "minibert_lab.jax.train": 9,
