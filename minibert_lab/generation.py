@@ -312,7 +312,7 @@ def generate_tokens(logits_fn: Callable,           # ids [B, T] -> next-token lo
         if not bool(xp.any(unfinished)): break
     return ids
 
-# %% ../nbs/25_generation.ipynb #43af4a2a
+# %% ../nbs/25_generation.ipynb #74f2f21d
 class BeamState(NamedTuple):
     "Beam search state for B rows of num_beams beams (a pytree in JAX)."
     running_sequences: Any   # [B, N, max_len] running hypotheses (pad after cur_len)
@@ -352,7 +352,7 @@ def beam_init(input_ids, config: SamplingConfig) -> BeamState:
 
 def beam_step(state: BeamState,
               log_probs,             # [B*N, V] processed log-probabilities of the running beams' next token
-              cur_len: int,          # current sequence length (prompt + generated so far)
+              cur_len,               # current sequence length, prompt + generated so far (an int, or traced under jit)
               prompt_len: int,
               config: SamplingConfig) -> BeamState:
     "One step of Hugging Face's beam search: extend, split finished from running, merge finished, update the stop flags."
@@ -380,7 +380,7 @@ def beam_step(state: BeamState,
     # 4. finished beams
     top_n = (_arange(xp, K, log_probs) < N)[None, :]
     just_finished = hits & top_n
-    cand = topk_scores / float((cur_len + 1 - prompt_len) ** lp_pen)
+    cand = topk_scores / (cur_len + 1 - prompt_len) ** lp_pen
     full = xp.all(state.finished, axis=-1, keepdims=True) & (es is True)
     cand = cand + xp.astype(full, xp.float32) * BEAM_NEG
     cand = cand + xp.astype(~state.improvable, xp.float32) * BEAM_NEG
@@ -395,7 +395,7 @@ def beam_step(state: BeamState,
     # 5. early-stopping heuristic and the global stop
     new_len = cur_len + 1
     best_len = (prompt_len + config.max_new_tokens if es == "never" and lp_pen > 0 else new_len) - prompt_len
-    best_running = running_scores[:, :1] / float(best_len ** lp_pen)
+    best_running = running_scores[:, :1] / best_len ** lp_pen
     worst = xp.where(finished, xp.min(scores, axis=1, keepdims=True), xp.full_like(scores, BEAM_NEG))
     improvable = state.improvable & xp.any(best_running > worst, axis=-1, keepdims=True)
     go_on = xp.any(improvable) & ~(xp.all(finished) & (es is True)) & ~xp.all(hits)

@@ -11,7 +11,8 @@ from transformers import (MinPLogitsWarper, NoRepeatNGramLogitsProcessor, Repeti
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from minibert_lab.generation import (LogitsProcessors, MinP, NoRepeatNGram, RepetitionPenalty, SamplingConfig, Temperature,
-                                     TopK, TopP, beam_search, generate_tokens, greedy, make_rng, sample, select_tokens)
+                                     TopK, TopP, beam_init, beam_result, beam_search, beam_step, finish_step, generate_tokens, greedy, log_softmax,
+                                     make_rng, sample, select_tokens)
 
 B, T, V = 3, 11, 99
 TINY_LLAMA = dict(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -62,14 +63,14 @@ def assert_same(ours, theirs):
     np.testing.assert_allclose(ours[keep], theirs[keep], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("ours,theirs", CASES, ids=[repr(o) for o, _ in CASES])
-def test_processor_matches_transformers(ours, theirs, seed):
-    ids, scores = random_inputs(seed)
-    expected = theirs(ids.clone(), scores.clone())
-    assert_same(ours(ids, scores), expected)                                  # torch
-    jitted = jax.jit(lambda i, s: ours(i, s))
-    assert_same(jitted(jnp.asarray(ids.numpy()), jnp.asarray(scores.numpy())), expected)   # JAX under jit
+def test_processor_matches_transformers(ours, theirs):
+    jitted = jax.jit(lambda i, s: ours(i, s))                                # one compilation, both seeds
+    for seed in (0, 1):
+        ids, scores = random_inputs(seed)
+        expected = theirs(ids.clone(), scores.clone())
+        assert_same(ours(ids, scores), expected)                              # torch
+        assert_same(jitted(jnp.asarray(ids.numpy()), jnp.asarray(scores.numpy())), expected)   # JAX under jit
 
 
 def test_composition_matches_transformers_order():
@@ -130,27 +131,66 @@ def prompts(seed, b=2, t=5):
     return torch.randint(3, TINY_LLAMA["vocab_size"], (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("extra", [{}, dict(repetition_penalty=1.5, no_repeat_ngram_size=2)])
-def test_greedy_matches_transformers_generate(tiny_llama, seed, extra):
+@pytest.mark.parametrize("seed,eos,extra", [(0, 44, {}), (1, 16, dict(repetition_penalty=1.5, no_repeat_ngram_size=2))])
+def test_greedy_matches_transformers_generate(tiny_llama, seed, eos, extra):
+    "Rows stop at different steps (eos 44 / 16 are frequent tokens of this model) and then emit the pad token."
     ids = prompts(seed)
-    eos = tiny_llama.config.eos_token_id
     expected = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                                   pad_token_id=eos, **extra)
-    cfg = SamplingConfig(max_new_tokens=8, eos_token_ids=(eos,), **extra)
-    got = generate_tokens(llama_logits(tiny_llama), ids, cfg)
+                                   eos_token_id=eos, pad_token_id=0, **extra)
+    cfg = SamplingConfig(max_new_tokens=8, eos_token_ids=(eos,), pad_token_id=0, **extra)
+    columns = []
+    got = generate_tokens(llama_logits(tiny_llama), ids, cfg, streamer=columns.append)
     assert got.tolist() == expected.tolist()
+    assert torch.stack(columns, 1).tolist() == got[:, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("length_penalty,early_stopping,seed",
-                         [(1.0, False, 0), (0.0, False, 1), (2.0, True, 2), (-1.0, "never", 3), (1.0, "never", 4)])
-def test_beam_search_matches_transformers_generate(tiny_llama, length_penalty, early_stopping, seed):
+@pytest.mark.parametrize("length_penalty,early_stopping,seed,eos",
+                         [(1.0, False, 0, 44), (0.0, False, 1, 2), (2.0, True, 2, (44, 35)), (-1.0, "never", 3, 55)])
+def test_beam_search_matches_transformers_generate(tiny_llama, length_penalty, early_stopping, seed, eos):
+    "Token-identical sequences and equal scores for the 3 returned beams; eos ids the model emits, so beams finish early."
     ids = prompts(seed)
-    eos = tiny_llama.config.eos_token_id
+    eos = (eos,) if isinstance(eos, int) else eos
     expected = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, do_sample=False,
                                    length_penalty=length_penalty, early_stopping=early_stopping, max_new_tokens=6,
-                                   pad_token_id=eos)
-    cfg = SamplingConfig(num_beams=3, max_new_tokens=6, eos_token_ids=(eos,), length_penalty=length_penalty,
+                                   eos_token_id=list(eos), pad_token_id=eos[0], num_return_sequences=3,
+                                   output_scores=True, return_dict_in_generate=True)
+    cfg = SamplingConfig(num_beams=3, max_new_tokens=6, eos_token_ids=eos, length_penalty=length_penalty,
                          early_stopping=early_stopping)
-    got, _ = beam_search(llama_logits(tiny_llama), ids, cfg)
-    assert got.tolist() == expected.tolist()
+    got, scores = beam_search(llama_logits(tiny_llama), ids, cfg, num_return_sequences=3)
+    assert got.tolist() == expected.sequences.tolist()
+    torch.testing.assert_close(scores, expected.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_runs_in_jax_under_jit(tiny_llama):
+    "The same bookkeeping on JAX arrays, `beam_step` jitted (logits from the torch model, converted), gives the same sequences."
+    ids = prompts(0)
+    cfg = SamplingConfig(num_beams=3, max_new_tokens=6, eos_token_ids=(44,))
+    fn = llama_logits(tiny_llama)
+    want, want_scores = beam_search(fn, ids, cfg, num_return_sequences=2)
+    step = jax.jit(beam_step, static_argnums=(3, 4))            # cur_len traced: one compilation
+    (b, t), n = ids.shape, cfg.num_beams
+    state = beam_init(jnp.asarray(ids.numpy()), cfg)
+    for cur_len in range(t, t + cfg.max_new_tokens):
+        flat = jnp.reshape(state.running_sequences[:, :, :cur_len], (b * n, cur_len))
+        logits = jnp.asarray(fn(torch.from_numpy(np.array(flat))).numpy())
+        state = step(state, log_softmax(jnp, logits), cur_len, t, cfg)
+        if bool(state.done): break
+    got, scores = beam_result(state, t, 2)
+    assert np.asarray(got).tolist() == want.tolist()
+    np.testing.assert_allclose(np.asarray(scores), want_scores.numpy(), rtol=1e-5)
+
+
+def test_greedy_generation_runs_in_jax(tiny_llama):
+    "`generate_tokens` on JAX arrays (stop handling included) equals the torch run; select + finish jit as one step."
+    ids = prompts(1)
+    cfg = SamplingConfig(max_new_tokens=8, eos_token_ids=(44,), pad_token_id=0, repetition_penalty=1.5)
+    fn = llama_logits(tiny_llama)
+    want = generate_tokens(fn, ids, cfg)
+    jfn = lambda j: jnp.asarray(fn(torch.from_numpy(np.array(j))).numpy())
+    got = generate_tokens(jfn, jnp.asarray(ids.numpy()), cfg)
+    assert np.asarray(got).tolist() == want.tolist()
+    assert (want[:, ids.shape[1]:] == 0).any()                              # a row did finish and then padded
+    step = jax.jit(lambda i, logits, unf: finish_step(select_tokens(i, logits, cfg), unf, cfg))
+    jids = jnp.asarray(ids.numpy())
+    tokens, unfinished = step(jids, jfn(jids), jnp.ones((2,), dtype=bool))
+    assert np.asarray(tokens).tolist() == want[:, ids.shape[1]].tolist()
