@@ -14,6 +14,7 @@ LAYERS = {
     "minibert_lab._modidx": 0,            # nbdev's symbol index (data only)
     "minibert_lab.kernels": 0,            # the math, framework-neutral
     "minibert_lab.config": 1,
+    "minibert_lab.generation": 1,        # logits processors, token selection, beam bookkeeping (array API only)
     "minibert_lab.attention_spec": 2,
     "minibert_lab.viz": 2,                # plots only: it may use kernels and config, never models, data or train
     "minibert_lab.torch": 3,              # package __init__
