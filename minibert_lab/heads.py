@@ -1,5 +1,4 @@
-"""Fine-tuning heads on any encoder: pooling, one loss per problem type written once against the array API
-(so torch and JAX run the same math), calibration, and scikit-learn metrics with bootstrap intervals.
+"""Fine-tuning heads on any encoder: pooling, losses written once for torch and JAX, calibration, scikit-learn metrics.
 
 Docs: https://minibert-lab.github.io/minibert_lab/heads.html.md"""
 
