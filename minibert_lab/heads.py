@@ -113,7 +113,7 @@ def pool(h, # [B, L, dim] hidden states (torch, JAX or numpy)
     mx = xp.max(xp.where(m, h, xp.full_like(h, -float("inf"))), axis=1)          # [B, dim]
     return xp.where(xp.any(m, axis=1), mx, xp.zeros_like(mx))                    # [B, dim]
 
-# %% ../nbs/24_heads.ipynb #75122979
+# %% ../nbs/24_heads.ipynb #090a9125
 def _concrete_numpy(x):
     "`x` as a numpy array, or None when it is traced (jax.jit) or cannot be read."
     if isinstance(x, (list, tuple)): x = np.asarray(x)
@@ -124,6 +124,7 @@ def _concrete_numpy(x):
 def check_labels(head: HeadConfig, # the head the labels are for
                  labels, # [B] / [B, C] / [B, L] labels (any framework, or lists)
                  name: str = "labels", # the argument's name in messages
+                 attention_mask=None, # [B, L] token head: labels at pads are not looked at
                 ) -> np.ndarray | None:
     "Refuse `labels` that `head` cannot learn from (`ValueError`); the labels as numpy, None when traced."
     y = _concrete_numpy(labels)
@@ -150,6 +151,8 @@ def check_labels(head: HeadConfig, # the head the labels are for
     if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
         raise ValueError(f"{name} of a {k} head hold non-integer values; allowed: class ids 0..{K - 1}")
     valid = y != IGNORE_INDEX if k == "token" else np.ones(y.shape, bool)
+    m = None if attention_mask is None or k != "token" else _concrete_numpy(attention_mask)
+    if m is not None and m.shape == y.shape: valid &= m.astype(bool)
     bad = valid & ((y < 0) | (y >= K))
     if bad.any():
         extra = f" or IGNORE_INDEX={IGNORE_INDEX}" if k == "token" else ""
@@ -227,7 +230,7 @@ def token_loss(logits, labels, attention_mask=None, label_smoothing: float = 0.0
     n = xp.sum(xp.astype(v, logits.dtype))
     return xp.sum(xp.where(v, ce, xp.zeros_like(ce))) / xp.clip(n, min=1.0)
 
-# %% ../nbs/24_heads.ipynb #92405e31
+# %% ../nbs/24_heads.ipynb #e61a488c
 def _expected_logits_shape(head: HeadConfig, y_shape) -> tuple:
     B = y_shape[0]
     if head.kind == "token": return (B, y_shape[1], head.num_labels)
@@ -240,7 +243,7 @@ def task_loss(head: HeadConfig, # the head's config (kind and loss options)
               attention_mask=None, # [B, L] for the token head: pads are skipped
              ):
     "The loss of `head` on `logits` and `labels` (labels checked when concrete)."
-    y = check_labels(head, labels)
+    y = check_labels(head, labels, attention_mask=attention_mask)
     if y is not None and tuple(logits.shape) != _expected_logits_shape(head, y.shape):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit labels of shape {y.shape} for a {head.kind} "
                          f"head; allowed: logits of shape {_expected_logits_shape(head, y.shape)}")

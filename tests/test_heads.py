@@ -144,6 +144,9 @@ def test_torch_and_jax_heads_agree(kind, pooling):
     lt = task_loss(head, zt, torch.tensor(y), torch.tensor(MASK))
     lj = task_loss(head, zj, jnp.asarray(y), jnp.asarray(MASK))
     _close(lt.detach(), lj, 1e-5)
+    lt.backward()                                            # and the gradients of the shared weights
+    gj = nnx.grad(lambda m: task_loss(head, m(jnp.asarray(h), jnp.asarray(MASK)), jnp.asarray(y), jnp.asarray(MASK)))(j)
+    _close(t.out.weight.grad.T, gj["out"]["kernel"][...], 1e-5)
 
 
 @pytest.mark.slow
