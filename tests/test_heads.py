@@ -254,3 +254,14 @@ def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match="empty batch"): pool(np.zeros((0, 4, 2)), None, "mean")
     with pytest.raises(ValueError, match="empty batch"): task_metrics("binary", [], [])
     with pytest.raises(ValueError, match="pooling='sum' is unknown"): pool(np.zeros((1, 4, 2)), None, "sum")
+
+
+def test_metric_names_are_the_head_table():
+    "task_metrics returns exactly the metrics HEAD_KINDS lists, for every kind (from its logits via `scores`)."
+    rng = np.random.default_rng(5)
+    for kind in HEAD_KINDS:
+        z, y = _data(kind, rng, n=B if kind == "token" else 40)
+        if kind == "multiclass": y = np.arange(40) % C                      # every class present: ROC-AUC defined
+        if kind == "multilabel": y[:2] = [[0] * C, [1] * C]
+        if kind == "token": y = np.where(MASK == 1, y, IGNORE_INDEX)
+        assert sorted(task_metrics(kind, y, scores(kind, z))) == sorted(HEAD_KINDS[kind].metrics), kind
