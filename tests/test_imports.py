@@ -15,6 +15,7 @@ LAYERS = {
     "minibert_lab.kernels": 0,            # the math, framework-neutral
     "minibert_lab.config": 1,
     "minibert_lab.generation": 1,        # logits processors, token selection, beam bookkeeping (array API only)
+    "minibert_lab.heads": 1,              # head kinds, losses (array API), metrics: config, numpy, sklearn, scipy only
     "minibert_lab.attention_spec": 2,
     "minibert_lab.viz": 2,                # plots only: it may use kernels and config, never models, data or train
     "minibert_lab.torch": 3,              # package __init__
@@ -23,6 +24,8 @@ LAYERS = {
     "minibert_lab.jax.attention": 3,
     "minibert_lab.torch.models": 4,
     "minibert_lab.jax.models": 4,
+    "minibert_lab.torch.heads": 4,        # task heads on the encoders
+    "minibert_lab.jax.heads": 4,
     "minibert_lab.convert": 5,
     "minibert_lab.hf": 6,
     "minibert_lab.data": 7,
