@@ -16,9 +16,9 @@ from .config import IGNORE_INDEX, ConfigBase, _check_choice, _check_int, _check_
 
 # %% auto #0
 __all__ = ['HEAD_KINDS', 'PROBLEM_TYPES', 'POOLINGS', 'REGRESSION_LOSSES', 'HeadKind', 'head_kind', 'HeadConfig', 'pool',
-           'check_labels', 'binary_loss', 'multiclass_loss', 'multilabel_loss', 'regression_loss', 'coral_levels',
-           'coral_loss', 'token_loss', 'task_loss', 'scores', 'fit_temperature', 'expected_calibration_error',
-           'tune_thresholds', 'task_metrics', 'bootstrap_ci']
+           'head_input', 'head_logits', 'check_labels', 'binary_loss', 'multiclass_loss', 'multilabel_loss',
+           'regression_loss', 'coral_levels', 'coral_loss', 'token_loss', 'task_loss', 'scores', 'fit_temperature',
+           'expected_calibration_error', 'tune_thresholds', 'task_metrics', 'bootstrap_ci']
 
 # %% ../nbs/24_heads.ipynb #72d21f4d
 class HeadKind(NamedTuple):
@@ -87,7 +87,7 @@ class HeadConfig(ConfigBase):
         "Width of the output layer."
         return {"binary": 1, "ordinal": self.num_labels - 1}.get(self.kind, self.num_labels)
 
-# %% ../nbs/24_heads.ipynb #ecff61f4
+# %% ../nbs/24_heads.ipynb #f56dbe7d
 def pool(h, # [B, L, dim] hidden states (torch, JAX or numpy)
          attention_mask=None, # [B, L] 1/True = real token (None: all real)
          pooling: str = "cls", # one of POOLINGS
@@ -112,6 +112,23 @@ def pool(h, # [B, L, dim] hidden states (torch, JAX or numpy)
         return s / xp.clip(n, min=1.0)                                           # [B, dim]
     mx = xp.max(xp.where(m, h, xp.full_like(h, -float("inf"))), axis=1)          # [B, dim]
     return xp.where(xp.any(m, axis=1), mx, xp.zeros_like(mx))                    # [B, dim]
+
+def head_input(head: HeadConfig, # the head's config
+               last_hidden_state, # [B, L, dim]
+               attention_mask=None, # [B, L]
+               pooler_output=None, # [B, dim]
+              ):
+    "What the head's output layer reads: every token (`token` heads) or one pooled vector per sequence."
+    return last_hidden_state if head.kind == "token" else pool(last_hidden_state, attention_mask, head.pooling, pooler_output)
+
+def head_logits(head: HeadConfig, # the head's config
+                z, # the output layer's result [B, outputs] or [B, L, C]
+                coral_bias=None, # [K-1] CORAL thresholds (ordinal heads)
+               ):
+    "The head's logits: CORAL adds its K-1 thresholds to the shared score; single-output heads drop the last axis."
+    if head.kind == "ordinal": z = z + coral_bias                                 # [B, 1] + [K-1] -> [B, K-1]
+    if head.kind == "binary" or (head.kind == "regression" and head.num_labels == 1): z = z[..., 0]   # [B]
+    return z
 
 # %% ../nbs/24_heads.ipynb #090a9125
 def _concrete_numpy(x):
