@@ -346,9 +346,41 @@ def test_render_committed_results():
             assert md.startswith(f"## `{name}`") and "Machine:" in md and figs
 
 
-@pytest.mark.slow
-def test_quality_tiny_run():
-    res = quality.bench_quality(kinds=("standard", "linear"), seeds=(0,), steps=2, batch_size=2)
-    t = res.meta["table"]
-    assert {r["kind"] for r in t} == {"standard", "linear"}
-    assert all(np.isfinite(r["val_loss"]) and r["tokens"] == 2 * 2 * 128 for r in t)
+def test_quality_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    "`bench quality --quick` on a tiny budget (2 lines, 3 steps, 3 seeds): JSON with machine, versions, budget, seeds; a table and a verdict."
+    for name, value in (("SYNTH_WORKERS", 1), ("SYNTH_STEPS_QUICK", 3), ("SYNTH_LRS_QUICK", (1e-2, 3e-3)),
+                        ("SYNTH_EVAL_ROWS_QUICK", 4), ("SYNTH_BATCH_QUICK", 4)):
+        monkeypatch.setattr(quality, name, value)
+    assert cli_bench(["quality", "--quick", "--kind", quality.UNIFORM, "--quiet", "--out", str(tmp_path), "--threads", "1"]) == 0
+    res = harness.SweepResult.from_json(tmp_path / "quality.json")
+    m = res.meta
+    assert m["quick"] and m["versions"]["torch"] and m["cpu"] and m["budget"]["seeds"] == [0, 1, 2]
+    assert m["budget"]["steps"] == 3 and m["budget"]["lrs"] == [1e-2, 3e-3] and m["budget"]["batch"] == 4
+    assert [e["label"] for e in m["entries"]] == [quality.BASELINE, quality.UNIFORM]
+    assert len(res.rows) == 2 * (2 + 2)                                  # 2 learning rates on seed 0, then 2 more seeds
+    t = {r["label"]: r for r in m["table"]}
+    assert set(t) == {quality.BASELINE, quality.UNIFORM} and all(r["seeds"] == 3 for r in t.values())
+    assert all(0 <= r["score_low"] <= r["score"] <= r["score_high"] <= 1 or r["score_low"] < 0 for r in t.values())
+    assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in t.values())
+    assert "p_t" in t[quality.UNIFORM] and "p_t" not in t[quality.BASELINE]
+    assert m["sensitivity"]["all cells"]["verdict"] in ("sensitive", "insensitive")
+    assert "| rank | label |" in capsys.readouterr().out
+
+
+def test_quality_bad_arguments_are_refused_by_name():
+    for kw, match in ((dict(kinds=("bogus",)), "bogus"), (dict(seeds=(0, 0)), "seeds="), (dict(lrs=(2.0,)), "lrs="),
+                      (dict(steps=0), "steps=0"), (dict(workers=0), "workers=0")):
+        with pytest.raises(ValueError, match=match): quality.bench_quality(quick=True, **(dict(workers=1) | kw))
+
+
+def test_quality_uniform_control_matches_its_oracle_and_weights_keys_equally():
+    import torch
+    import test_kernels as k_tests
+    for fw, masking in list(k_tests._grid())[:4]:
+        for causal in (False, True): k_tests.test_matches_oracle(quality.UNIFORM, causal, masking, fw)
+    from minibert_lab.torch.attention import build_attention
+    attn = build_attention(quality.UNIFORM, 8, 2)
+    x, mask = torch.randn(3, 7, 8), torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+    _, w = attn(x, attention_mask=mask, output_attentions=True)                         # [B, H, L, L]
+    want = (mask[:, None, None, :] / mask.sum(1)[:, None, None, None]).expand_as(w)
+    torch.testing.assert_close(w * mask[:, None, :, None], want * mask[:, None, :, None])

@@ -277,7 +277,7 @@ def train_synth(kind: str, # attention kind
     for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device)
     return res
 
-# %% ../../nbs/54_bench_quality.ipynb #3f8c33f7
+# %% ../../nbs/54_bench_quality.ipynb #ded2e366
 UNIFORM = "uniform"          # the weak control, registered below through the public registry
 BASELINE = "standard"        # softmax: every paired comparison is against it
 
@@ -301,13 +301,13 @@ class Entry:
 def battery_entries(kinds: Sequence[str] | None = None, # attention kinds (default: every built-in kind)
                     budget: int = SYNTH_FEATURE_BUDGET, # features per head of kinds with a feature budget
                    ) -> list[Entry]:
-    "The battery's lines: softmax and the uniform control always; the kinds at equal feature budget; exact `yat-spherical` normalised by the row sum beside the SLAY kinds when all kinds run."
+    "The battery's lines: softmax and the uniform control always; the kinds at equal feature budget; exact `yat-spherical` normalised by the row sum beside the SLAY kinds."
     for k in kinds or ():
         if k not in kernels.KERNELS:
             raise ValueError(f"kinds: {k!r} is not a registered attention kind; allowed: {', '.join(kernels.KERNELS)}")
     names = list(dict.fromkeys([BASELINE, *(kinds or kernels.ATTENTION_TYPES), UNIFORM]))
     out = [Entry(k, k, budget_kind_params(k, budget)) for k in names]
-    if kinds is None:
+    if kinds is None or any(kernels.target_kernel(k) == "spherical-yat" for k in kinds):   # the exact kernel beside its approximations
         out.append(Entry("yat-spherical[kernel]", "yat-spherical", dict(normalize="kernel")))
     return out
 
@@ -353,19 +353,24 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
                   eval_rows: int | None = None, # rows per cell of each evaluation split
                   batch: int | None = None, # rows per step (default SYNTH_BATCH_QUICK or SYNTH_BATCH)
                   budget: int = SYNTH_FEATURE_BUDGET, # features per head of kinds with a budget
+                  cells: Sequence[str] | None = None, # names of the cells to run (default: all of the grid)
                   workers: int | None = None, # processes (default SYNTH_WORKERS, else the CPUs this process may use, at most 4; 1 on cuda)
                  ) -> SweepResult:
     "The synthetic battery: every line learns the cells with each learning rate (first seed), keeps its best on validation, then runs the other seeds; test accuracy per cell, cost per run."
-    steps = steps or (SYNTH_STEPS_QUICK if quick else SYNTH_STEPS)
-    lrs, seeds = tuple(lrs or (SYNTH_LRS_QUICK if quick else SYNTH_LRS)), tuple(SYNTH_SEEDS if seeds is None else seeds)
-    batch, workers = batch or (SYNTH_BATCH_QUICK if quick else SYNTH_BATCH), workers or SYNTH_WORKERS
-    eval_rows = eval_rows or (SYNTH_EVAL_ROWS_QUICK if quick else SYNTH_EVAL_ROWS)
+    pick = lambda v, q, f: (q if quick else f) if v is None else v
+    steps, eval_rows = pick(steps, SYNTH_STEPS_QUICK, SYNTH_STEPS), pick(eval_rows, SYNTH_EVAL_ROWS_QUICK, SYNTH_EVAL_ROWS)
+    lrs, seeds = tuple(pick(lrs, SYNTH_LRS_QUICK, SYNTH_LRS)), tuple(SYNTH_SEEDS if seeds is None else seeds)
+    batch, workers = pick(batch, SYNTH_BATCH_QUICK, SYNTH_BATCH), SYNTH_WORKERS if workers is None else workers
     for name, v, low in (("steps", steps, 1), ("batch", batch, 1), ("eval_rows", eval_rows, 1)): _check_int(name, v, low)
+    if workers is not None: _check_int("workers", workers, 1)
     if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds={seeds!r} is invalid; allowed: distinct integers >= 0")
     if not lrs or any(not (isinstance(x, (int, float)) and 0 < x < 1) for x in lrs):
         raise ValueError(f"lrs={lrs!r} is invalid; allowed: learning rates in (0, 1)")
-    entries, cells = battery_entries(kinds, budget), battery_cells(quick)
+    grid = battery_cells(quick)
+    bad = [c for c in (cells or ()) if c not in [g["name"] for g in grid]]
+    if bad: raise ValueError(f"cells={bad!r} are invalid; allowed: {', '.join(g['name'] for g in grid)}")
+    entries, cells = battery_entries(kinds, budget), [g for g in grid if cells is None or g["name"] in cells]
     builtin = set(kernels.ATTENTION_TYPES) | {UNIFORM}
     if workers is None:
         workers = 1 if device == "cuda" else min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
