@@ -376,7 +376,7 @@ def test_quality_bad_arguments_are_refused_by_name():
 def test_quality_uniform_control_matches_its_oracle_and_weights_keys_equally():
     import torch
     import test_kernels as k_tests
-    for fw, masking in list(k_tests._grid())[:4]:
+    for fw, masking in [p.values for p in k_tests._grid() if not p.marks][:4]:
         for causal in (False, True): k_tests.test_matches_oracle(quality.UNIFORM, causal, masking, fw)
     from minibert_lab.torch.attention import build_attention
     attn = build_attention(quality.UNIFORM, 8, 2)
