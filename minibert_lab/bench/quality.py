@@ -277,7 +277,7 @@ def train_synth(kind: str, # attention kind
     for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device)
     return res
 
-# %% ../../nbs/54_bench_quality.ipynb #ded2e366
+# %% ../../nbs/54_bench_quality.ipynb #179f621f
 UNIFORM = "uniform"          # the weak control, registered below through the public registry
 BASELINE = "standard"        # softmax: every paired comparison is against it
 
@@ -394,7 +394,7 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
         except Exception as ex: memory[e.label] = None
     model = synth_model_config(BASELINE)
     meta = machine_info(device) | dict(
-        sweep="quality", description=(f"Synthetic battery (MQAR, selective copying, induction recall): the `{SYNTH_PRESET}` "
+        sweep="quality", description=(f"Synthetic battery ({', '.join(dict.fromkeys(c['task'] for c in cells))}): the `{SYNTH_PRESET}` "
                                       f"encoder (dim {model.dim}, depth {model.depth}, heads {model.heads}), {steps} steps x "
                                       f"{batch} rows per run, learning rate best of {list(lrs)} on validation, "
                                       f"{len(seeds)} seeds, test accuracy at the answer positions"),
