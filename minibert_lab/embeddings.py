@@ -20,13 +20,14 @@ from .heads import bootstrap_ci, pool
 from .train import decays, fit, make_schedule
 
 # %% auto #0
-__all__ = ['EMBED_POOLINGS', 'ENCODE_BATCH_SIZE', 'JAX_LENGTH_MULTIPLE', 'ST_POOLING_KEYS', 'ST_OTHER_POOLING_KEYS',
-           'RETRIEVAL_METRICS', 'EMBED_MODEL_DIR', 'EMBED_CONFIG_FILE', 'MAX_SCALE', 'check_texts', 'check_pooling',
-           'model_framework', 'encoder_of', 'l2_normalize', 'embed_tokens', 'pad_token_lists', 'default_max_length',
-           'tokenize_texts', 'eval_mode', 'encode', 'SentenceEncoder', 'save_sentence_encoder', 'load_sentence_encoder',
-           'cos_sim', 'ranking_loss', 'cosine_similarity_loss', 'cached_backward', 'jax_cached_value_and_grad',
-           'no_duplicate_batches', 'retrieval_ranks', 'evaluate_retrieval', 'evaluate_lee', 'pair_texts', 'PairLoader',
-           'ContrastiveBackend', 'embed_train', 'cli_embed_train', 'cli_embed']
+__all__ = ['EMBED_POOLINGS', 'ENCODE_BATCH_SIZE', 'JAX_LENGTH_MULTIPLE', 'EMBED_MODEL_DIR', 'ST_POOLING_KEYS',
+           'ST_OTHER_POOLING_KEYS', 'RETRIEVAL_METRICS', 'EMBED_CONFIG_FILE', 'MAX_SCALE', 'check_texts',
+           'check_pooling', 'model_framework', 'encoder_of', 'l2_normalize', 'embed_tokens', 'pad_token_lists',
+           'default_max_length', 'tokenize_texts', 'eval_mode', 'encode', 'SentenceEncoder', 'save_sentence_encoder',
+           'load_sentence_encoder', 'cos_sim', 'ranking_loss', 'cosine_similarity_loss', 'cached_backward',
+           'jax_cached_value_and_grad', 'no_duplicate_batches', 'retrieval_ranks', 'evaluate_retrieval', 'evaluate_lee',
+           'evaluate_embeddings', 'pair_texts', 'PairLoader', 'ContrastiveBackend', 'embed_train', 'cli_embed_train',
+           'cli_embed', 'cli_embed_eval']
 
 # %% ../nbs/28_embeddings.ipynb #d9423452
 EMBED_POOLINGS = ("mean", "cls", "max")   # the poolings a sentence-transformers folder can say (heads.pool also has 'pooler')
@@ -158,7 +159,8 @@ def encode(model, # a minibert_lab encoder, torch or JAX (`MiniBERT` or `MiniBER
             bar.update(len(idx))
     return out
 
-# %% ../nbs/28_embeddings.ipynb #a17f11cc
+# %% ../nbs/28_embeddings.ipynb #d058d039
+EMBED_MODEL_DIR = "model"                 # the sentence-transformers folder inside an embed-train run
 ST_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
 ST_OTHER_POOLING_KEYS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 
@@ -406,8 +408,18 @@ def evaluate_lee(enc: SentenceEncoder, n_boot: int = 1000, seed: int = 0) -> dic
     return dict(pearson=_ci(lambda y, p: stats.pearsonr(y, p).statistic, human, sims, n_boot, seed),
                 spearman=_ci(lambda y, p: stats.spearmanr(y, p).statistic, human, sims, n_boot, seed))
 
-# %% ../nbs/28_embeddings.ipynb #42a3f006
-EMBED_MODEL_DIR = "model"                 # the sentence-transformers folder inside an embed-train run
+# %% ../nbs/28_embeddings.ipynb #2b2486cb
+def evaluate_embeddings(enc: SentenceEncoder, # the encoder
+                        n_boot: int = 1000, seed: int = 0, # bootstrap resamples and seed
+                        candidates: int | None = None, # reply-retrieval candidates (None: pairs.RETRIEVAL_CANDIDATES)
+                       ) -> dict:
+    "Lee Pearson/Spearman and reply retrieval (recall@1/@10, MRR among held-out candidates), each with a 95% bootstrap interval."
+    from minibert_lab.pairs import RETRIEVAL_CANDIDATES, reply_retrieval_set
+    n = RETRIEVAL_CANDIDATES if candidates is None else candidates
+    return dict(lee=evaluate_lee(enc, n_boot, seed), retrieval=evaluate_retrieval(enc, reply_retrieval_set(n), n_boot, seed),
+                candidates=n, pooling=enc.pooling, normalize=enc.normalize, max_length=enc.max_length)
+
+# %% ../nbs/28_embeddings.ipynb #469d2396
 EMBED_CONFIG_FILE = "embed_config.json"   # pooling, loss and data settings of an embed-train run
 MAX_SCALE = 100.0                         # a learned scale is clipped here (as CLIP's logit scale)
 
@@ -522,7 +534,7 @@ class ContrastiveBackend:
             if self.mini_batch_size: l = cached_backward(lambda r: self._embed(b, r), n, lf, self.mini_batch_size)
             else:
                 l = lf(self._embed(b)); l.backward()
-            total += float(l)
+            total += float(l.detach())
         tc = self.cfg.train
         params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip is not None else math.inf)
@@ -608,7 +620,7 @@ def embed_train(model_path: str | Path, # starting encoder: a sentence-transform
         final_scale=float(backend.scale), symmetric=symmetric, mini_batch_size=mini_batch_size, max_length=max_length), indent=2) + "\n")
     return res, enc
 
-# %% ../nbs/28_embeddings.ipynb #b8ea34f2
+# %% ../nbs/28_embeddings.ipynb #f860c0d6
 def _read_pair_file(path: str) -> list[tuple[str, str]]:
     p = Path(path)
     if not p.is_file(): raise ValueError(f"pairs file {path!r} does not exist; allowed: a tab-separated file of anchor<TAB>positive lines")
@@ -666,4 +678,22 @@ def cli_embed(argv: Sequence[str]) -> int:
     out = dict(pooling=enc.pooling, normalize=enc.normalize, dim=int(e.shape[1]), embeddings=np.round(e, 6).tolist())
     if len(texts) > 1: out["cosine"] = np.round(cos_sim(e.astype(np.float64), e.astype(np.float64)), 6).tolist()
     print(json.dumps(out))
+    return 0
+
+def cli_embed_eval(argv: Sequence[str]) -> int:
+    "`minibert-lab embed-eval`: Lee correlation and reply retrieval of an encoder, with 95% intervals (JSON)."
+    p = argparse.ArgumentParser(prog="minibert-lab embed-eval", description="Lee similarity and dialogue reply retrieval of a sentence encoder.")
+    p.add_argument("model", help="an embed-train run, a sentence-transformers folder, or any model folder")
+    p.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    p.add_argument("--pooling", choices=EMBED_POOLINGS, default="mean", help="for folders that do not say (plain model folders)")
+    p.add_argument("--normalize", action="store_true", help="for folders that do not say")
+    p.add_argument("--candidates", type=int, default=None, help="reply-retrieval candidates (default 500)")
+    p.add_argument("--n-boot", type=int, default=1000); p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(list(argv))
+    _check_positive_int("n_boot", a.n_boot)
+    enc = load_sentence_encoder(a.model, a.framework, a.pooling, a.normalize)
+    res = dict(model=str(a.model), framework=a.framework, **evaluate_embeddings(enc, a.n_boot, candidates=a.candidates))
+    text = json.dumps(res, indent=1)
+    if a.out: Path(a.out).write_text(text + "\n")
+    print(text)
     return 0

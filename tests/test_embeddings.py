@@ -230,3 +230,17 @@ def test_embed_train_fit_resume(tok, st_folder, tmp_path, capsys):
     res2, _ = embed_train(st_folder, tmp_path / "run", pairs, steps=8, batch_size=3, lr=3e-3, warmup_steps=0, max_length=16,
                           eval_every=3, save_every=3, progress=False, mini_batch_size=2, learn_scale=True, resume=True)
     assert res2.step == 8 and res2.history[0]["step"] > 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_all_minilm_l6_v2_encode_matches_st(framework):
+    "The real all-MiniLM-L6-v2 folder: our encode (torch and JAX) equals sentence-transformers' encode within 1e-5."
+    from test_hf import minilm_folder
+    from minibert_lab.pairs import lee_pairs, reply_retrieval_set
+    folder = minilm_folder()
+    texts = [s for s, _ in reply_retrieval_set(40)] + lee_pairs()[0][:4]      # short lines and long (truncated) documents
+    ref = st.SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=16, convert_to_numpy=True)
+    enc = load_sentence_encoder(folder, framework)
+    assert (enc.pooling, enc.normalize, enc.max_length) == ("mean", True, 256)
+    np.testing.assert_allclose(enc.encode(texts, batch_size=16), ref, atol=1e-5, rtol=0)
