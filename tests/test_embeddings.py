@@ -126,7 +126,8 @@ def _batch(tok, n=6):
     return pad_token_lists([tok(t)["input_ids"] for t in (TEXTS * 2)[:n]], tok.pad_token_id)
 
 
-@pytest.mark.parametrize("learn_scale", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("learn_scale", [False, True])
 def test_gradient_cache_equals_uncached(tok, learn_scale):
     b = _batch(tok, 6)
     grads = []
