@@ -21,6 +21,9 @@ SUBCOMMANDS = {
     "bench": ("minibert_lab.bench.cli", "cli_bench", "benchmark sweeps: tables (JSON, markdown) and plotly figures"),
     "viz": ("minibert_lab.cli", "cli_viz", "attention maps, kernel shapes and training curves as HTML"),
     "config": ("minibert_lab.cli", "cli_config", "print a preset's experiment config as JSON"),
+    "embed-train": ("minibert_lab.embeddings", "cli_embed_train", "contrastive training of a sentence encoder on text pairs (default: movie dialogue)"),
+    "embed": ("minibert_lab.embeddings", "cli_embed", "sentence embeddings (and cosine similarities) of texts, as JSON"),
+    "embed-eval": ("minibert_lab.embeddings", "cli_embed_eval", "Lee similarity and reply retrieval of a sentence encoder, with 95% intervals"),
 }
 
 def _usage() -> str:

@@ -29,11 +29,13 @@ LAYERS = {
     "minibert_lab.convert": 5,
     "minibert_lab.hf": 6,
     "minibert_lab.data": 7,
+    "minibert_lab.pairs": 7,             # packaged text pairs (dialogue, Lee similarity): data and tasks only
     "minibert_lab.tasks": 7,             # packaged labelled tasks: may use config and data, never models or train
     "minibert_lab.train": 8,              # the loop library
     "minibert_lab.torch.train": 9,        # its backends
     "minibert_lab.jax.train": 9,
     "minibert_lab.pretrain": 10,          # the application: backend factory, pretrain, lab, MFU
+    "minibert_lab.embeddings": 10,        # sentence embeddings: encode, sentence-transformers folders, contrastive losses and training
     "minibert_lab.bench.harness": 8,     # measurement library: timing, memory, FLOP models, the matmul peak (used by the application)
     "minibert_lab.bench": 11,
     "minibert_lab.cli": 12,               # wires the commands; nothing imports it
