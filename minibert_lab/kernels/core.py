@@ -215,7 +215,7 @@ def validate_masks(attention_mask=None, # [B, L] 0/1 or bool
             raise ValueError(f"{pre}attention_mask{list(i)}={am[i].item()!r} but segment_ids{list(i)}={int(sg[i])}: the masks "
                              "disagree; allowed: a token is real (mask 1) exactly when its segment is not 0, or give one of them")
 
-# %% ../../nbs/10_kernels.ipynb #cbf7c50a
+# %% ../../nbs/10_kernels.ipynb #c21483b1
 @dataclass(frozen=True)
 class Param:
     "One parameter of an attention kind (or module): default, type and allowed values."
@@ -284,6 +284,7 @@ MODULE_PARAMS: dict[str, Param] = dict(
     bias=Param(True, bool, doc="biases in the q/k/v/o projections"),
     window=Param(None, int, low=0, optional=True, doc="sliding window |i - j| <= window (exact kinds)"),
     max_len=Param(None, int, low=1, optional=True, doc="longest accepted sequence"),
+    kv_heads=Param(None, int, low=1, optional=True, doc="key/value heads, dividing heads (grouped-query attention; None: heads)"),
 )
 
 NORMALIZATIONS = ("softmax", "kernel")  # row normalisations of exact scores: softmax, or division by the row sum
@@ -310,6 +311,7 @@ class KernelSpec:
     fused_softmax: bool = False                # scores q·k/√D with softmax: frameworks may use fused attention
     family: str = "other"                      # group in tables and plots
     summary: str = ""                          # one line for tables
+    causal: bool = True                        # the kind has a causal (left-to-right) form: causal LMs may use it
     step: Callable | None = None               # decoding: (spec, q, k, v, cache, state, params, ctx) -> (out, cache);
                                                #   None: the form's update (exact: key/value cache, feature: recurrent state)
 
