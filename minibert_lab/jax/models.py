@@ -23,10 +23,10 @@ from ..kernels import validate_masks
 from .attention import build_attention, default_position_ids
 
 # %% auto #0
-__all__ = ['PREDICTION_BUCKET', 'MODEL_AXIS', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'VOCAB_PARALLEL', 'EAGER_JIT', 'make_norm',
-           'gelu_erf', 'gelu_tanh', 'activation_fn', 'FeedForward', 'Block', 'validate_inputs', 'EncoderOutput',
-           'Embeddings', 'MiniBERT', 'MaskedLMOutput', 'prediction_bound', 'MLMHead', 'MiniBERTForMaskedLM',
-           'architecture_class', 'torch_state_to_nnx', 'nnx_state_numpy']
+__all__ = ['PREDICTION_BUCKET', 'MODEL_AXIS', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'VOCAB_PARALLEL', 'EAGER_JIT',
+           'ARCHITECTURE_CLASSES', 'make_norm', 'gelu_erf', 'gelu_tanh', 'activation_fn', 'FeedForward', 'Block',
+           'validate_inputs', 'EncoderOutput', 'Embeddings', 'MiniBERT', 'MaskedLMOutput', 'prediction_bound',
+           'MLMHead', 'MiniBERTForMaskedLM', 'architecture_class', 'torch_state_to_nnx', 'nnx_state_numpy']
 
 # %% ../../nbs/21_models.jax.ipynb #e11b8e16
 PREDICTION_BUCKET = 64       # host-computed bounds on the number of predictions are multiples of this
@@ -442,7 +442,7 @@ class MiniBERTForMaskedLM(nnx.Module):
         logits = hs @ w + b if return_logits else None                       # [N_max, vocab]
         return MaskedLMOutput(loss, logits, loss_sum, n_used, enc.hidden_states, enc.attentions)
 
-# %% ../../nbs/21_models.jax.ipynb #2244112a
+# %% ../../nbs/21_models.jax.ipynb #850398e5
 def _to_numpy(x) -> np.ndarray:
     "A host numpy copy of a torch tensor, a JAX array or an array-like (bf16 torch tensors become float32)."
     if hasattr(x, "detach"):
@@ -451,9 +451,11 @@ def _to_numpy(x) -> np.ndarray:
         return x.numpy()
     return np.asarray(x)
 
+ARCHITECTURE_CLASSES = {"MiniBERTForMaskedLM": MiniBERTForMaskedLM, "MiniBERT": MiniBERT}  # name -> JAX class (the causal LMs add theirs)
+
 def architecture_class(name: str):
-    "The JAX model class of an architecture name (`MiniBERTForMaskedLM` or `MiniBERT`)."
-    classes = {"MiniBERTForMaskedLM": MiniBERTForMaskedLM, "MiniBERT": MiniBERT}
+    "The JAX model class of an architecture name (`MiniBERTForMaskedLM`, `MiniBERT`, or a registered one)."
+    classes = ARCHITECTURE_CLASSES
     if name not in classes: raise ValueError(f"architecture={name!r} is unknown; allowed: {', '.join(classes)}")
     return classes[name]
 

@@ -1065,7 +1065,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         weights = K / _guard_den(xp, xp.sum(K, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
-# %% ../../nbs/10_kernels.ipynb #7cbf2aed
+# %% ../../nbs/10_kernels.ipynb #669b8fca
 CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
 
 @dataclass
@@ -1115,13 +1115,14 @@ def kv_cache_step(spec, q, k, v, cache, state, params, ctx):
         K = xp.concat([K[:, :, :t], xp.astype(k, sd), K[:, :, t + T:]], axis=2)  # [B, Hkv, C, D]
         V = xp.concat([V[:, :, :t], xp.astype(v, sd), V[:, :, t + T:]], axis=2)  # [B, Hkv, C, E]
         ok = xp.concat([ok[:, :t], ctx.valid, ok[:, t + T:]], axis=1)  # [B, C]
-    else:  # traced length (a jitted loop): one token into a preallocated slot
-        if T != 1: raise ValueError(f"a traced cache length needs one new token per step; got T={T}")
+    else:  # traced length (jitted decoding): write slots t..t+T-1 of the preallocated cache by selection
         C = K.shape[2]
-        slot = xp.arange(C, **_dev(K)) == t  # [C]
-        K = xp.where(slot[None, None, :, None], xp.astype(k, sd), K)  # [B, Hkv, C, D]
-        V = xp.where(slot[None, None, :, None], xp.astype(v, sd), V)  # [B, Hkv, C, E]
-        ok = xp.where(slot[None, :], ctx.valid, ok)  # [B, C]
+        rel = xp.arange(C, **_dev(K)) - t  # [C] slot minus the first new slot
+        slot = (rel >= 0) & (rel < T)  # [C] slots receiving a new token
+        src = xp.clip(rel, min=0, max=T - 1)  # [C] which new token each slot would take
+        K = xp.where(slot[None, None, :, None], xp.take(xp.astype(k, sd), src, axis=2), K)  # [B, Hkv, C, D]
+        V = xp.where(slot[None, None, :, None], xp.take(xp.astype(v, sd), src, axis=2), V)  # [B, Hkv, C, E]
+        ok = xp.where(slot[None, :], xp.take(ctx.valid, src, axis=1), ok)  # [B, C]
     Kr = _repeat_heads(xp, xp.astype(K, q.dtype), H)  # [B, H, C, D]
     Vr = _repeat_heads(xp, xp.astype(V, q.dtype), H)  # [B, H, C, E]
     qi = t + xp.arange(T, **_dev(K))  # [T] cache slots of the new queries
