@@ -327,7 +327,7 @@ def preset_dict(name: str) -> dict:
     if fam == "modernbert" and size in ("small", "base"): d.update(local_window=128, max_len=1024)
     return d
 
-# %% ../nbs/00_config.ipynb #dc8688a9
+# %% ../nbs/00_config.ipynb #588de152
 OBJECTIVES = ("mlm", "clm")  # masked-LM (encoders) or causal-LM (next token) pre-training
 
 @dataclass(frozen=True)
@@ -358,6 +358,11 @@ class DataConfig(ConfigBase):
         _check_int(n, "pad_to_multiple_of", self.pad_to_multiple_of, 1)
         _check_int(n, "seed", self.seed, 0)
         _check_range(n, "mlm_probability", self.mlm_probability, 0, 1, lo_open=True, hi_open=True)
+
+    @property
+    def predicted_fraction(self) -> float:
+        "Fraction of tokens with a target: `mlm_probability` (masked LM) or 1 (every next token)."
+        return self.mlm_probability if self.objective == "mlm" else 1.0
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigBase):

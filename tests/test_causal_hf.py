@@ -72,6 +72,7 @@ def test_greedy_and_beam_match_transformers(hf_pair):
         np.testing.assert_array_equal(got_b.numpy(), ref_b.numpy()[:, :got_b.shape[1]])
 
 
+@pytest.mark.slow
 def test_jax_from_hf_logits(hf_pair):
     import jax.numpy as jnp
     from minibert_lab.jax.causal import _forward_jit
