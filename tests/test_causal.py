@@ -166,3 +166,36 @@ def test_round_trip_and_generate_parity(tmp_path):
     save_pretrained(t, tmp_path / "ck")
     re = load_pretrained(tmp_path / "ck", framework="torch")
     assert type(re).__name__ == "MiniGPTForCausalLM"
+
+
+X64_SCRIPT = r'''
+import sys, json
+import jax, jax.numpy as jnp, torch
+jax.config.update("jax_enable_x64", True)
+from flax import nnx
+sys.path.insert(0, sys.argv[1])
+from test_causal import torch_model, prompts
+from minibert_lab.convert import torch_to_jax
+from minibert_lab.jax.causal import decode_matches_forward
+out = {}
+for kind in sys.argv[2:]:
+    j = torch_to_jax(torch_model(kind, dtype=torch.float32))
+    nnx.update(j, jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, nnx.state(j)))
+    for layer in j.model.layers: layer.attn.fast_path = None  # the float64 kernel core (the fused path computes in fp32)
+    ids, am = prompts(13)
+    out[kind] = max(decode_matches_forward(j, ids.numpy(), am.numpy(), p) for p in (0, 9))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_jax_decode_float64_every_kind():
+    "JAX in float64 (x64 is process-wide, so in a subprocess): decoding equals the full causal forward to 1e-10."
+    import json, subprocess, sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    r = subprocess.run([sys.executable, "-c", X64_SCRIPT, str(here), *ATTENTION_TYPES], capture_output=True, text=True,
+                       cwd=here.parent, timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(errs) == set(ATTENTION_TYPES) and max(errs.values()) < 1e-10, errs
