@@ -23,7 +23,7 @@ from .models import (Block, Embeddings, _from_pretrained, _save_pretrained, chun
 # %% auto #0
 __all__ = ['CausalLMOutput', 'MiniGPT', 'MiniGPTForCausalLM', 'decode_matches_forward']
 
-# %% ../../nbs/26a_causal.torch.ipynb #3cc63db1
+# %% ../../nbs/26a_causal.torch.ipynb #b0d4f927
 class CausalLMOutput(NamedTuple):
     "What `MiniGPTForCausalLM` returns (the fields the training loops read are those of `MaskedLMOutput`)."
     loss: torch.Tensor | None             # mean next-token CE over predicted positions
@@ -70,7 +70,7 @@ class MiniGPT(nn.Module):
         valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         start = torch.zeros(B, dtype=torch.long, device=dev) if cache is None else cache["next_position"]  # [B]
         pos = start[:, None] + torch.cumsum(valid.long(), 1) - 1  # [B, T] per-row positions of real tokens
-        pos = torch.where(valid, pos, start[:, None].clamp(min=0) * 0)  # pads: position 0 (never seen)
+        pos = torch.where(valid, pos, torch.zeros_like(pos))  # pads: position 0 (they never reach a cache)
         layers = [None] * len(self.layers) if cache is None else cache["layers"]
         x = self.embeddings(input_ids, None, pos)  # [B, T, dim]
         new = []
