@@ -14,7 +14,7 @@ import numpy as np
 
 from . import kernels
 
-# %% ../nbs/10a_attention_spec.ipynb #410042bd
+# %% ../nbs/10a_attention_spec.ipynb #1a92af54
 @dataclass(frozen=True)
 class AttentionSpec:
     "Resolved, validated arguments of an attention module (hashable: static under `jax.jit`)."
@@ -30,6 +30,12 @@ class AttentionSpec:
     window: int | None   # sliding window of exact kinds
     max_len: int | None  # longest accepted sequence
     kind_items: tuple    # the kind's parameters, `((name, value), ...)`, defaults filled
+    kv_heads: int = 0    # key/value heads (grouped-query attention); 0: as many as `heads`
+
+    @property
+    def num_kv_heads(self) -> int:
+        "Key/value heads (each serves heads/num_kv_heads query heads)."
+        return self.kv_heads or self.heads
 
     @property
     def head_dim(self) -> int:
@@ -56,7 +62,7 @@ class AttentionSpec:
         "The longest sequence the kind supports with these parameters (None: unbounded)."
         return kernels.max_position(self.kind, **self.params)
 
-# %% ../nbs/10a_attention_spec.ipynb #e248d80f
+# %% ../nbs/10a_attention_spec.ipynb #b32af210
 def _bad(name, value, allowed):
     raise ValueError(f"build_attention: {name}={value!r} is invalid; allowed: {allowed}")
 
@@ -86,13 +92,15 @@ def attention_spec(kind: str, # attention kind (any registered one)
     if mp["window"] is not None and not spec.exact:
         _bad("window", mp["window"], f"None for kind {kind!r} (sliding windows need an exact kind: "
              f"{', '.join(k for k in kernels.KERNELS if kernels.is_exact(k))})")
+    if mp["kv_heads"] is not None and heads % mp["kv_heads"]:
+        _bad("kv_heads", mp["kv_heads"], f"a divisor of heads={heads} (each key/value head serves a group of query heads)")
     lim = kernels.max_position(kind, **kp)
     if lim is not None and mp["max_len"] is not None and mp["max_len"] > lim:
         _bad("max_len", mp["max_len"], f"<= {lim}, the position range of kind {kind!r} with its parameters")
     return AttentionSpec(kind=kind, dim=dim, heads=heads, rope=rope, rope_theta=mp["rope_theta"],
                          dropout=mp["dropout"], seed=mp["seed"], chunk_size=mp["chunk_size"],
                          bias=mp["bias"], window=mp["window"], max_len=mp["max_len"],
-                         kind_items=tuple(kp.items()))
+                         kind_items=tuple(kp.items()), kv_heads=mp["kv_heads"] or heads)
 
 # %% ../nbs/10a_attention_spec.ipynb #05796a44
 def _dtype_kind(xp, a):

@@ -14,10 +14,11 @@ from .config import preset_names
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'main', 'cli_config', 'load_model', 'cli_viz']
 
-# %% ../nbs/90_cli.ipynb #97e6c03f
+# %% ../nbs/90_cli.ipynb #05cabf41
 SUBCOMMANDS = {
     "lab": ("minibert_lab.pretrain", "cli_lab", "train a softmax and a SLAY model on the embedded corpus and compare them"),
     "pretrain": ("minibert_lab.pretrain", "cli_pretrain", "MLM pre-training run (torch or JAX), resumable"),
+    "generate": ("minibert_lab.pretrain", "cli_generate", "continue prompts with a causal LM (greedy, sampling, beam search)"),
     "bench": ("minibert_lab.bench.cli", "cli_bench", "benchmark sweeps: tables (JSON, markdown) and plotly figures"),
     "viz": ("minibert_lab.cli", "cli_viz", "attention maps, kernel shapes and training curves as HTML"),
     "config": ("minibert_lab.cli", "cli_config", "print a preset's experiment config as JSON"),

@@ -18,9 +18,9 @@ from .kernels.core import (ATTENTION_TYPES, DEFAULT_CHUNK_SIZE, KERNELS, MODULE_
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'CE_CHUNK_ROWS', 'INIT_TRUNCATION_STDS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CHECKPOINT_FORMAT',
            'FAMILIES', 'NORMS', 'POSITIONS', 'ACTIVATIONS', 'GATED_ACTIVATIONS', 'SIZES', 'FAMILY_DEFAULTS',
-           'CUSTOM_CODE_KEY', 'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig', 'preset_names',
-           'preset_dict', 'DataConfig', 'TrainConfig', 'ExperimentConfig', 'parse_overrides', 'read_json_object',
-           'saving_to', 'write_pretrained_files', 'read_pretrained_files']
+           'OBJECTIVES', 'CUSTOM_CODE_KEY', 'ConfigBase', 'KindParams', 'AttentionConfig', 'ModelConfig',
+           'preset_names', 'preset_dict', 'DataConfig', 'TrainConfig', 'ExperimentConfig', 'parse_overrides',
+           'read_json_object', 'saving_to', 'write_pretrained_files', 'read_pretrained_files']
 
 # %% ../nbs/00_config.ipynb #657cb15d
 IGNORE_INDEX = -100  # label of a position that is not predicted (Hugging Face's convention, `torch.nn.CrossEntropyLoss`'s default)
@@ -166,8 +166,8 @@ class AttentionConfig(ConfigBase):
         "The kind's parameters with the registry defaults filled in."
         return resolve_params(self.kind, dict(self.params))
 
-# %% ../nbs/00_config.ipynb #1f97a0e0
-FAMILIES = ("minibert", "bert", "modernbert", "neobert")
+# %% ../nbs/00_config.ipynb #608ec0cc
+FAMILIES = ("minibert", "bert", "modernbert", "neobert", "gpt")
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "geglu", "swiglu")
@@ -203,6 +203,7 @@ class ModelConfig(ConfigBase):
     init_std: float = 0.02           # std of the truncated-normal init
     pad_token_id: int = 0            # padding id (embedding row kept for HF parity)
     gradient_checkpointing: bool = False  # recompute block activations in backward
+    kv_heads: int | None = None      # key/value heads dividing heads (grouped-query attention); None: heads
 
     def __post_init__(self):
         n = "ModelConfig"
@@ -219,6 +220,9 @@ class ModelConfig(ConfigBase):
         _check_int(n, "pad_token_id", self.pad_token_id, 0)
         if self.pad_token_id >= self.vocab_size:
             _fail(n, "pad_token_id", self.pad_token_id, f"an id < vocab_size={self.vocab_size}")
+        _check_int(n, "kv_heads", self.kv_heads, 1, optional=True)
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            _fail(n, "kv_heads", self.kv_heads, f"a divisor of heads={self.heads} (or None)")
         if self.dim % self.heads:
             raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by heads={self.heads}; "
                              f"allowed: dim a multiple of heads")
@@ -269,6 +273,7 @@ class ModelConfig(ConfigBase):
         kw = a.kind_params()
         kw.update(rope=self.use_rope, rope_theta=a.rope_theta, dropout=a.dropout, seed=a.seed,
                   chunk_size=a.chunk_size, bias=self.bias)
+        if self.kv_heads is not None: kw["kv_heads"] = self.kv_heads
         return kw
 
     @classmethod
@@ -276,7 +281,7 @@ class ModelConfig(ConfigBase):
         "Named preset (`tiny`, `mini`, `small`, `base`, optionally `FAMILY-SIZE`), with field overrides."
         return cls.from_dict(_merge(preset_dict(name), overrides))
 
-# %% ../nbs/00_config.ipynb #2f954ab3
+# %% ../nbs/00_config.ipynb #3e7334a6
 SIZES = {
     "tiny":  dict(dim=64,  depth=2,  heads=4,  ffn_dim=256,  max_len=128),
     "mini":  dict(dim=256, depth=4,  heads=4,  ffn_dim=1024, max_len=128),
@@ -294,6 +299,8 @@ FAMILY_DEFAULTS = {
                        local_window=64, mlm_transform=True),
     "neobert": dict(norm="rmsnorm", prenorm=True, position="rope", activation="swiglu", bias=False,
                     final_norm=True, embedding_norm=False, norm_eps=1e-5),
+    "gpt": dict(norm="rmsnorm", prenorm=True, position="rope", activation="swiglu", bias=False,
+                final_norm=True, embedding_norm=False, norm_eps=1e-5, dropout=0.0),
 }
 
 def _merge(base: dict, over: Mapping) -> dict:
@@ -315,11 +322,14 @@ def preset_dict(name: str) -> dict:
     if fam not in FAMILIES or size not in SIZES:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(preset_names())}")
     d = dict(FAMILY_DEFAULTS[fam], family=fam, **SIZES[size])
+    if fam == "gpt": d.update(kv_heads=d["heads"] // 2)
     if fam == "neobert": d.update(depth=2 * d["depth"], dim=d["dim"] * 3 // 4, ffn_dim=d["ffn_dim"] * 3 // 4)
     if fam == "modernbert" and size in ("small", "base"): d.update(local_window=128, max_len=1024)
     return d
 
-# %% ../nbs/00_config.ipynb #ed8a5f61
+# %% ../nbs/00_config.ipynb #588de152
+OBJECTIVES = ("mlm", "clm")  # masked-LM (encoders) or causal-LM (next token) pre-training
+
 @dataclass(frozen=True)
 class DataConfig(ConfigBase):
     "Corpus, tokenizer, masking, packing and batching."
@@ -332,6 +342,7 @@ class DataConfig(ConfigBase):
     seq_len: int = 128                 # tokens per row
     batch_size: int = 32               # rows per batch
     mlm_probability: float = 0.15      # fraction of tokens predicted
+    objective: str = "mlm"             # "mlm" (masked LM, encoders) or "clm" (next-token prediction, causal LMs)
     whole_word_mask: bool = False      # mask all pieces of a word together
     pack: bool = True                  # several documents per row, with segment_ids
     pad_to_multiple_of: int = 8        # pad row length to a multiple of this
@@ -340,12 +351,18 @@ class DataConfig(ConfigBase):
     def __post_init__(self):
         n = "DataConfig"
         _check_choice(n, "tokenizer_kind", self.tokenizer_kind, ("wordpiece", "bpe"))
+        _check_choice(n, "objective", self.objective, OBJECTIVES)
         _check_int(n, "vocab_size", self.vocab_size, 32)
         _check_int(n, "seq_len", self.seq_len, 4)
         _check_int(n, "batch_size", self.batch_size, 1)
         _check_int(n, "pad_to_multiple_of", self.pad_to_multiple_of, 1)
         _check_int(n, "seed", self.seed, 0)
         _check_range(n, "mlm_probability", self.mlm_probability, 0, 1, lo_open=True, hi_open=True)
+
+    @property
+    def predicted_fraction(self) -> float:
+        "Fraction of tokens with a target: `mlm_probability` (masked LM) or 1 (every next token)."
+        return self.mlm_probability if self.objective == "mlm" else 1.0
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigBase):

@@ -16,11 +16,14 @@ import numpy as np
 from .config import CHECKPOINT_FORMAT as FORMAT, CONFIG_NAME, WEIGHTS_NAME, ModelConfig, read_pretrained_files, saving_to
 
 # %% auto #0
-__all__ = ['ARCHITECTURES', 'FRAMEWORKS', 'architecture_of', 'torch_state_to_nnx', 'nnx_state_numpy', 'nnx_state_to_torch',
-           'torch_to_jax', 'jax_to_torch', 'save_pretrained', 'load_config', 'load_state', 'load_pretrained']
+__all__ = ['ARCHITECTURE_MODULES', 'ARCHITECTURES', 'FRAMEWORKS', 'architecture_of', 'torch_state_to_nnx', 'nnx_state_numpy',
+           'nnx_state_to_torch', 'torch_to_jax', 'jax_to_torch', 'save_pretrained', 'load_config', 'load_state',
+           'load_pretrained']
 
-# %% ../nbs/22_convert.ipynb #ad6f32e6
-ARCHITECTURES = ("MiniBERTForMaskedLM", "MiniBERT")
+# %% ../nbs/22_convert.ipynb #42cafb99
+ARCHITECTURE_MODULES = {"MiniBERTForMaskedLM": "models", "MiniBERT": "models",      # architecture -> module of
+                        "MiniGPTForCausalLM": "causal", "MiniGPT": "causal"}         #   minibert_lab.{torch,jax}
+ARCHITECTURES = tuple(ARCHITECTURE_MODULES)
 FRAMEWORKS = ("torch", "jax")
 
 def _check_architecture(name: str) -> str:
@@ -34,12 +37,14 @@ def _check_framework(framework: str) -> str:
     return framework
 
 def _jax_class(architecture: str):
-    from minibert_lab.jax import models as jm
-    return getattr(jm, _check_architecture(architecture))
+    import importlib
+    mod = ARCHITECTURE_MODULES[_check_architecture(architecture)]
+    return getattr(importlib.import_module(f"minibert_lab.jax.{mod}"), architecture)  # importing it registers the class
 
 def _torch_class(architecture: str):
-    from minibert_lab.torch import models as tm
-    return getattr(tm, _check_architecture(architecture))
+    import importlib
+    mod = ARCHITECTURE_MODULES[_check_architecture(architecture)]
+    return getattr(importlib.import_module(f"minibert_lab.torch.{mod}"), architecture)
 
 def _is_nnx(model) -> bool:
     from flax import nnx
@@ -62,14 +67,15 @@ def _nnx_layout(model) -> list[tuple[tuple, str, bool]]:
     from minibert_lab.jax.models import _nnx_layout as layout
     return layout(model)
 
-# %% ../nbs/22_convert.ipynb #128a7727
+# %% ../nbs/22_convert.ipynb #d96fa665
 def torch_state_to_nnx(state_dict: Mapping[str, Any], # torch-style names -> tensors/arrays
                        cfg: ModelConfig, # the model's config
                        architecture: str = "MiniBERTForMaskedLM", # or "MiniBERT"
                       ):
     "The `nnx.State` (params and random-feature state) of a torch-style state dict; apply with `nnx.update`."
     from minibert_lab.jax.models import torch_state_to_nnx as to_nnx
-    return to_nnx(state_dict, cfg, _check_architecture(architecture))
+    _jax_class(architecture)
+    return to_nnx(state_dict, cfg, architecture)
 
 def nnx_state_numpy(model) -> dict[str, np.ndarray]:
     "Torch-style state dict of NNX `model` as numpy arrays (kernels transposed, RNG streams left out)."
@@ -87,7 +93,8 @@ def nnx_state_to_torch(state, # an NNX model, or its `nnx.State` (then `cfg` is 
     else:
         if cfg is None: raise ValueError("cfg=None with an nnx.State; allowed: the ModelConfig of the state's model")
         from minibert_lab.jax.models import _abstract_nnx
-        model = _abstract_nnx(cfg, _check_architecture(architecture))
+        _jax_class(architecture)
+        model = _abstract_nnx(cfg, architecture)
         nnx.update(model, state)
     return {k: torch.from_numpy(v.copy()) for k, v in nnx_state_numpy(model).items()}
 

@@ -24,10 +24,11 @@ __all__ = ['TOKENIZER_DIR', 'MIN_VALIDATION_MASKED', 'EXPERIMENT_CONFIG', 'MODEL
            'LAB_OVERRIDES', 'LAB_ROOT', 'LAB_FILES', 'LAB_NOISE_EVALS', 'DOCS_URL', 'LAB_EXPLAINED', 'LAB_COLUMNS',
            'measure_throughput', 'make_backend', 'masked_tokens', 'prepare_data', 'check_validation', 'pretrain',
            'read_json_file', 'read_experiment_config', 'experiment_from_args', 'experiment_from_cli', 'pretrain_parser',
-           'cli_pretrain', 'ResolvedModel', 'resolve_model_path', 'unigram_entropy', 'time_to_loss', 'lab_config',
-           'fresh_lab_dir', 'lab', 'lab_setup', 'attention_side_by_side', 'write_lab_report', 'cli_lab']
+           'cli_pretrain', 'ResolvedModel', 'resolve_model_path', 'encode_prompts', 'cli_generate', 'unigram_entropy',
+           'time_to_loss', 'lab_config', 'fresh_lab_dir', 'lab', 'lab_setup', 'attention_side_by_side',
+           'write_lab_report', 'cli_lab']
 
-# %% ../nbs/43_pretrain.ipynb #ac4aaac8
+# %% ../nbs/43_pretrain.ipynb #c67152cf
 def measure_throughput(cfg: ExperimentConfig, # experiment (framework in `cfg.train.framework`)
                        steps: int = 8,         # timed optimizer steps
                        warmup: int = 2,        # untimed steps first (JAX compiles here)
@@ -44,7 +45,7 @@ def measure_throughput(cfg: ExperimentConfig, # experiment (framework in `cfg.tr
     step_s, best_s = float(np.median(times)), float(np.min(times))
     seq_len = int(np.asarray(batches[0]["input_ids"]).shape[1])
     tokens = float(np.mean([real_tokens([b]) for b in batches[warmup:]]))
-    fpt = model_flops_per_token(cfg.model, seq_len, cfg.data.mlm_probability)
+    fpt = model_flops_per_token(cfg.model, seq_len, cfg.data.predicted_fraction)
     peak = matmul_peak(cfg.train.framework)["peak_flop_s"] if peak is None else peak
     achieved = fpt * tokens / step_s
     return {"framework": cfg.train.framework, "attention": cfg.model.attention.kind, "dim": cfg.model.dim,
@@ -275,7 +276,71 @@ def resolve_model_path(path: str | Path,        # a run, checkpoint, save_pretra
                          f"save_pretrained folder {p} ({model.cfg.attention.kind} attention, dim {model.cfg.dim}, "
                          f"depth {model.cfg.depth}) as {framework}")
 
-# %% ../nbs/43_pretrain.ipynb #065dc104
+# %% ../nbs/43_pretrain.ipynb #e82e8a22
+def encode_prompts(tokenizer, # the model folder's tokenizer
+                   prompts: Sequence[str], # texts
+                  ) -> tuple[np.ndarray, np.ndarray, tuple]:
+    "(ids [B, T] left-padded, attention_mask [B, T], stop ids): each prompt with the leading special tokens a document starts with."
+    if not prompts: raise ValueError("prompts is empty; allowed: at least one --prompt")
+    full = tokenizer.encode("a", add_special_tokens=True)
+    bare = tokenizer.encode("a", add_special_tokens=False)
+    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    prefix, suffix = full[:at], full[at + len(bare):]  # e.g. [CLS] ... [SEP], or <s> ... </s>
+    rows = [prefix + tokenizer.encode(t, add_special_tokens=False) for t in prompts]
+    if any(len(r) == 0 for r in rows): raise ValueError("a prompt tokenizes to nothing; allowed: non-empty prompts")
+    T = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(rows), T), pad, np.int64); mask = np.zeros((len(rows), T), np.int64)
+    for b, r in enumerate(rows): ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    stops = tuple(sorted(set(suffix) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
+    return ids, mask, stops
+
+def cli_generate(argv: Sequence[str]) -> int:
+    "`minibert-lab generate`: continue prompts with a causal LM (greedy, sampling or beam search)."
+    from minibert_lab.causal import check_causal_architecture
+    from minibert_lab.generation import SamplingConfig
+    p = argparse.ArgumentParser(prog="minibert-lab generate", description="Continue prompts with a causal LM.")
+    p.add_argument("model", help="run folder, checkpoints/step_* folder, save_pretrained folder or Hugging Face Llama folder")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a left-padded batch)")
+    p.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy, or beam search with --num-beams > 1)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print token ids as they are generated (stderr)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    a = p.parse_args(list(argv))
+    sc = dict(do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+              repetition_penalty=a.repetition_penalty, no_repeat_ngram_size=a.no_repeat_ngram_size,
+              max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, length_penalty=a.length_penalty, seed=a.seed)
+    SamplingConfig(**sc)                                            # bad flags are reported before the model loads
+    r = resolve_model_path(a.model, a.framework)
+    check_causal_architecture(type(r.model).__name__, where=f"model {a.model!r}")
+    if r.tokenizer is None: raise ValueError(f"model folder {a.model!r} has no tokenizer; allowed: a folder with tokenizer.json")
+    ids, mask, stops = encode_prompts(r.tokenizer, a.prompt)
+    pad = r.tokenizer.pad_token_id if r.tokenizer.pad_token_id is not None else 0
+    stream = (lambda col: print(" ".join(str(int(t)) for t in np.asarray(col)), file=sys.stderr, flush=True)) if a.stream else None
+    if a.framework == "torch":
+        import torch
+        out = r.model.generate(torch.as_tensor(ids), torch.as_tensor(mask), streamer=stream, eos_token_ids=stops,
+                               pad_token_id=pad, **sc)
+    else: out = r.model.generate(ids, mask, streamer=stream, eos_token_ids=stops, pad_token_id=pad, **sc)
+    out = np.asarray(out)
+    for prompt, row in zip(a.prompt, out):
+        new = [int(t) for t in row[ids.shape[1]:]]
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        text = r.tokenizer.decode(new[:cut], skip_special_tokens=True)
+        print(json.dumps({"prompt": prompt, "completion": text, "tokens": new[:cut]}) if a.json else f"{prompt} {text}")
+    return 0
+
+# %% ../nbs/43_pretrain.ipynb #a7494f84
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
 LAB_PRESET = "tiny"
 LAB_STEPS = 600                    # optimizer steps per run
@@ -372,7 +437,7 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
                          "val_ppl": ev["val_ppl"], "val_acc": ev["val_acc"],
                          "val_loss_spread": float(max(hist) - min(hist)) if len(hist) > 1 else float("nan"),
                          "tokens_per_s": res.train_tokens_per_s, "train_s": res.seconds,
-                         "flops_per_token": model_flops_per_token(model_cfg, seq_len, cfg.data.mlm_probability)})
+                         "flops_per_token": model_flops_per_token(model_cfg, seq_len, cfg.data.predicted_fraction)})
             runs[names[kind]] = run_dir
             b = data.validation[0]
             maps[kind] = (backend.attention_maps(b), data.tokenizer.convert_ids_to_tokens(

@@ -15,6 +15,7 @@ LAYERS = {
     "minibert_lab.kernels": 0,            # the math, framework-neutral
     "minibert_lab.config": 1,
     "minibert_lab.generation": 1,        # logits processors, token selection, beam bookkeeping (array API only)
+    "minibert_lab.causal": 1,             # causal-LM helpers: next-token labels, prompt checks, the generate driver (array API)
     "minibert_lab.heads": 1,              # head kinds, losses (array API), metrics: config, numpy, sklearn, scipy only
     "minibert_lab.attention_spec": 2,
     "minibert_lab.viz": 2,                # plots only: it may use kernels and config, never models, data or train
@@ -24,6 +25,8 @@ LAYERS = {
     "minibert_lab.jax.attention": 3,
     "minibert_lab.torch.models": 4,
     "minibert_lab.jax.models": 4,
+    "minibert_lab.torch.causal": 4,       # causal LMs on the encoder blocks
+    "minibert_lab.jax.causal": 4,
     "minibert_lab.torch.heads": 4,        # task heads on the encoders
     "minibert_lab.jax.heads": 4,
     "minibert_lab.convert": 5,

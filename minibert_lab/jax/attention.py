@@ -97,7 +97,7 @@ def default_position_ids(B: int, # batch size
     first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)  # [B, L] index of the document's first token
     return idx - first  # [B, L]
 
-# %% ../../nbs/12_attention.jax.ipynb #013b4ec3
+# %% ../../nbs/12_attention.jax.ipynb #438406bb
 class Attention(nnx.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES` (Flax NNX)."
     def __init__(self, kind: str, # attention kind
@@ -108,8 +108,9 @@ class Attention(nnx.Module):
                 ):
         self.spec: AttentionSpec = attention_spec(kind, dim, heads, **params)
         s = self.spec
-        lin = lambda: nnx.Linear(dim, dim, use_bias=s.bias, rngs=rngs)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = lin(), lin(), lin(), lin()
+        lin = lambda out: nnx.Linear(dim, out, use_bias=s.bias, rngs=rngs)
+        kv = s.num_kv_heads * s.head_dim  # fewer heads with grouped-query attention
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = lin(dim), lin(kv), lin(kv), lin(dim)
         self.attn_dropout = nnx.Dropout(s.dropout, rngs=rngs)
         state = kernels.init_state(kind, heads, s.head_dim, s.seed, **s.params)
         for name, arr in state.items(): setattr(self, name, RandomState(jnp.asarray(arr)))
@@ -120,14 +121,16 @@ class Attention(nnx.Module):
     @property
     def kind(self) -> str: return self.spec.kind
 
-    def split_heads(self, x): # [B, L, dim]
-        "`[B, L, dim]` -> `[B, H, L, D]`."
+    def split_heads(self, x, heads: int | None = None): # [B, L, heads*D]
+        "`[B, L, heads*D]` -> `[B, heads, L, D]` (default: the query heads)."
         B, L, _ = x.shape
-        return x.reshape(B, L, self.spec.heads, self.spec.head_dim).transpose(0, 2, 1, 3)  # [B, L, H, D] -> [B, H, L, D]
+        return x.reshape(B, L, heads or self.spec.heads, self.spec.head_dim).transpose(0, 2, 1, 3)  # [B, L, H, D] -> [B, H, L, D]
 
     def qkv(self, x, position_ids): # x [B, L, dim], position_ids [B, L]
-        "Projected (and RoPE'd) q, k, v in the kernel layout `[B, H, L, D]`."
-        q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # 3 x [B, H, L, D]
+        "Projected (and RoPE'd) q `[B, H, L, D]`, k, v `[B, Hkv, L, D]` in the kernel layout."
+        Hkv = self.spec.num_kv_heads
+        q = self.split_heads(self.q_proj(x))  # [B, H, L, D]
+        k, v = self.split_heads(self.k_proj(x), Hkv), self.split_heads(self.v_proj(x), Hkv)  # [B, Hkv, L, D] each
         if self.spec.rope:
             cos, sin = kernels.rope_cos_sin(position_ids, self.spec.head_dim, self.spec.rope_theta)  # [B, 1, L, D] each
             cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
@@ -174,7 +177,9 @@ class Attention(nnx.Module):
         tok = kernels.token_mask(attention_mask, segment_ids, jnp)  # [B, L] real tokens, or None
         if tok is not None: x = jnp.where(tok[..., None], x, jnp.zeros((), x.dtype))  # pads never reach the result (select, not multiply)
         if position_ids is None: position_ids = default_position_ids(B, L, segment_ids)
-        q, k, v = self.qkv(x, position_ids)  # 3 x [B, H, L, D]
+        q, k, v = self.qkv(x, position_ids)  # [B, H, L, D], 2 x [B, Hkv, L, D]
+        g = self.spec.heads // self.spec.num_kv_heads
+        if g > 1: k, v = jnp.repeat(k, g, axis=1), jnp.repeat(v, g, axis=1)  # [B, H, L, D] each
         if self.fast_path is not None and self.spec.softmax_fast_path and not output_attentions:
             out, w = self._fast(q, k, v, attention_mask, segment_ids, causal), None
         else:
@@ -182,6 +187,29 @@ class Attention(nnx.Module):
         y = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, dim))  # [B, H, L, D] -> [B, L, H, D] -> [B, L, dim]
         y = y.astype(x.dtype)  # fp32 parameters promote bf16 inputs; return the input dtype
         return (y, w) if output_attentions else y
+
+    def decode(self, x, # hidden states of the new tokens [B, T, dim]
+               cache=None, # this layer's cache from the previous call (None: the first call)
+               position_ids=None, # [B, T] positions of the new tokens
+               valid=None, # [B, T] bool real new tokens (left padding is False)
+               reserve: int | None = None, # key/value cache capacity to allocate at once (a jitted loop needs it)
+               cache_dtype=None, # key/value storage dtype (e.g. jnp.bfloat16)
+              ):
+        "Causal attention of new tokens given the cache of the earlier ones: `(y [B, T, dim], cache)` (`kernels.decode_attention`)."
+        s = self.spec
+        B, T, dim = x.shape
+        t = 0 if cache is None else cache["length"]
+        if position_ids is None: position_ids = jnp.broadcast_to(t + jnp.arange(T), (B, T))  # [B, T]
+        if valid is not None: x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+        q, k, v = self.qkv(x, position_ids)  # [B, H, T, D], 2 x [B, Hkv, T, D]
+        cd = jnp.float32 if q.dtype in HALF_DTYPES else q.dtype
+        state = {n: getattr(self, n)[...].astype(cd) for n in self.state_names}
+        out, cache = kernels.decode_attention(s.kind, q.astype(cd), k.astype(cd), v.astype(cd), cache, state,
+                                              params=s.params, valid=valid, position_ids=position_ids, window=s.window,
+                                              max_len=s.max_len, reserve=reserve, cache_dtype=cache_dtype,
+                                              chunk_size=s.chunk_size)
+        y = self.o_proj(out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, T, dim))  # [B, H, T, D] -> [B, T, H, D] -> [B, T, dim]
+        return y.astype(x.dtype), cache
 
 # %% ../../nbs/12_attention.jax.ipynb #1a575372
 def build_attention(kind: str, # attention kind, one of `kernels.ATTENTION_TYPES`

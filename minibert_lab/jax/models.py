@@ -23,10 +23,10 @@ from ..kernels import validate_masks
 from .attention import build_attention, default_position_ids
 
 # %% auto #0
-__all__ = ['PREDICTION_BUCKET', 'MODEL_AXIS', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'VOCAB_PARALLEL', 'EAGER_JIT', 'make_norm',
-           'gelu_erf', 'gelu_tanh', 'activation_fn', 'FeedForward', 'Block', 'validate_inputs', 'EncoderOutput',
-           'Embeddings', 'MiniBERT', 'MaskedLMOutput', 'prediction_bound', 'MLMHead', 'MiniBERTForMaskedLM',
-           'architecture_class', 'torch_state_to_nnx', 'nnx_state_numpy']
+__all__ = ['PREDICTION_BUCKET', 'MODEL_AXIS', 'COLUMN_PARALLEL', 'ROW_PARALLEL', 'VOCAB_PARALLEL', 'EAGER_JIT',
+           'ARCHITECTURE_CLASSES', 'make_norm', 'gelu_erf', 'gelu_tanh', 'activation_fn', 'FeedForward', 'Block',
+           'validate_inputs', 'EncoderOutput', 'Embeddings', 'MiniBERT', 'MaskedLMOutput', 'prediction_bound',
+           'MLMHead', 'MiniBERTForMaskedLM', 'architecture_class', 'torch_state_to_nnx', 'nnx_state_numpy']
 
 # %% ../../nbs/21_models.jax.ipynb #e11b8e16
 PREDICTION_BUCKET = 64       # host-computed bounds on the number of predictions are multiples of this
@@ -77,7 +77,7 @@ def activation_fn(name: str):
     if name not in _ACTIVATIONS: raise ValueError(f"activation={name!r} is unknown; allowed: {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
 
-# %% ../../nbs/21_models.jax.ipynb #dfeaa817
+# %% ../../nbs/21_models.jax.ipynb #e1ecd871
 class FeedForward(nnx.Module):
     "Two-layer MLP; for gated activations `up` yields [gate | value] and the gate is activated."
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -123,18 +123,34 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def __call__(self, x, attention_mask=None, position_ids=None, segment_ids=None, output_attentions=False):
+    def __call__(self, x, attention_mask=None, position_ids=None, segment_ids=None, output_attentions=False,
+                 causal: bool = False, # causal attention (the causal LMs' blocks)
+                ):
         kw = dict(attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids)
         a_in = self.attn_norm(x) if self.prenorm else x
-        res = self.attn(a_in, output_attentions=output_attentions, **kw)
+        res = self.attn(a_in, output_attentions=output_attentions, causal=causal, **kw)
         a, w = res if output_attentions else (res, None)
+        return self._residual(x, a), w
+
+    def _residual(self, x, a):
+        "The block after its attention output `a`: residual, norms, FFN."
         if self.prenorm:
             x = x + self.dropout(a)
-            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
-        else:
-            x = self.attn_norm(x + self.dropout(a))
-            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x, w
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(a))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+    def decode(self, x, # new tokens' hidden states [B, T, dim]
+               cache=None, # this block's attention cache (None: the first call)
+               position_ids=None, # [B, T] positions of the new tokens
+               valid=None, # [B, T] bool real new tokens
+               reserve=None, # key/value cache capacity to allocate at once
+               cache_dtype=None, # key/value storage dtype
+              ):
+        "The block on new tokens, attending causally through the cache: `(x [B, T, dim], cache)`."
+        h = self.attn_norm(x) if self.prenorm else x
+        a, cache = self.attn.decode(h, cache, position_ids, valid, reserve, cache_dtype)
+        return self._residual(x, a), cache
 
 # %% ../../nbs/21_models.jax.ipynb #7332b57a
 def _concrete(x) -> bool:
@@ -426,7 +442,7 @@ class MiniBERTForMaskedLM(nnx.Module):
         logits = hs @ w + b if return_logits else None                       # [N_max, vocab]
         return MaskedLMOutput(loss, logits, loss_sum, n_used, enc.hidden_states, enc.attentions)
 
-# %% ../../nbs/21_models.jax.ipynb #2244112a
+# %% ../../nbs/21_models.jax.ipynb #850398e5
 def _to_numpy(x) -> np.ndarray:
     "A host numpy copy of a torch tensor, a JAX array or an array-like (bf16 torch tensors become float32)."
     if hasattr(x, "detach"):
@@ -435,9 +451,11 @@ def _to_numpy(x) -> np.ndarray:
         return x.numpy()
     return np.asarray(x)
 
+ARCHITECTURE_CLASSES = {"MiniBERTForMaskedLM": MiniBERTForMaskedLM, "MiniBERT": MiniBERT}  # name -> JAX class (the causal LMs add theirs)
+
 def architecture_class(name: str):
-    "The JAX model class of an architecture name (`MiniBERTForMaskedLM` or `MiniBERT`)."
-    classes = {"MiniBERTForMaskedLM": MiniBERTForMaskedLM, "MiniBERT": MiniBERT}
+    "The JAX model class of an architecture name (`MiniBERTForMaskedLM`, `MiniBERT`, or a registered one)."
+    classes = ARCHITECTURE_CLASSES
     if name not in classes: raise ValueError(f"architecture={name!r} is unknown; allowed: {', '.join(classes)}")
     return classes[name]
 

@@ -83,7 +83,7 @@ def _fill(template, pure):
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
-# %% ../../nbs/42_train.jax.ipynb #167558dc
+# %% ../../nbs/42_train.jax.ipynb #ef50bd68
 class JaxBackend:
     "Flax NNX model + optax AdamW on a `data` × `model` mesh; one optimizer step per `train_step`."
     rank = 0   # `fit` runs the same in every JAX process (the SPMD program); orbax coordinates checkpoint writes
@@ -96,7 +96,10 @@ class JaxBackend:
         self.cfg, tc = cfg, cfg.train
         self.mesh = mesh if mesh is not None else make_mesh(tc.mesh_model)
         self.schedule = schedule or make_schedule(tc, xp=jnp)
-        model = MiniBERTForMaskedLM(cfg.model, rngs=nnx.Rngs(params=tc.seed, dropout=tc.seed + 1))
+        if cfg.data.objective == "clm":
+            from minibert_lab.jax.causal import MiniGPTForCausalLM as model_class
+        else: model_class = MiniBERTForMaskedLM
+        model = model_class(cfg.model, rngs=nnx.Rngs(params=tc.seed, dropout=tc.seed + 1))
         model.eval(); self.gd_eval = nnx.graphdef(model)
         model.train(); self.gd_train, params, rest = nnx.split(model, nnx.Param, ...)
         self._params_tpl, self._rest_tpl = params, rest

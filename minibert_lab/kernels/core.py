@@ -16,12 +16,13 @@ from array_api_compat import array_namespace
 
 # %% auto #0
 __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHUNK_SIZE', 'ROPE_THETA', 'DEFAULT_COS_MAX_LEN',
-           'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS', 'ATTENTION_TYPES', 'positive_den_floor',
-           'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask', 'visibility_mask', 'is_concrete', 'validate_masks',
-           'Param', 'KernelSpec', 'register_kind', 'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params',
-           'is_exact', 'target_kernel', 'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position',
-           'FeatureContext', 'laguerre_nodes', 'nystrom_whitening', 'init_state', 'registry_table',
-           'chunked_prefix_sums', 'linear_sums', 'state_names', 'attention_core']
+           'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS', 'ATTENTION_TYPES', 'CACHE_MIN_BUCKET',
+           'positive_den_floor', 'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask', 'visibility_mask',
+           'is_concrete', 'validate_masks', 'Param', 'KernelSpec', 'register_kind', 'unregister_kind', 'get_kind',
+           'registered_kinds', 'kind_params', 'is_exact', 'target_kernel', 'resolve_params', 'small_params',
+           'feature_dim', 'kind_flops', 'max_position', 'FeatureContext', 'laguerre_nodes', 'nystrom_whitening',
+           'init_state', 'registry_table', 'chunked_prefix_sums', 'linear_sums', 'state_names', 'attention_core',
+           'DecodeContext', 'cache_bucket', 'kv_cache_step', 'recurrent_state_step', 'decode_attention', 'cache_nbytes']
 
 # %% ../../nbs/10_kernels.ipynb #00660781
 UNIT_NORM_EPS = 1e-12      # added to ‖x‖² before the square root when projecting onto the unit sphere (finite grad at 0)
@@ -214,7 +215,7 @@ def validate_masks(attention_mask=None, # [B, L] 0/1 or bool
             raise ValueError(f"{pre}attention_mask{list(i)}={am[i].item()!r} but segment_ids{list(i)}={int(sg[i])}: the masks "
                              "disagree; allowed: a token is real (mask 1) exactly when its segment is not 0, or give one of them")
 
-# %% ../../nbs/10_kernels.ipynb #848592fa
+# %% ../../nbs/10_kernels.ipynb #c21483b1
 @dataclass(frozen=True)
 class Param:
     "One parameter of an attention kind (or module): default, type and allowed values."
@@ -283,6 +284,7 @@ MODULE_PARAMS: dict[str, Param] = dict(
     bias=Param(True, bool, doc="biases in the q/k/v/o projections"),
     window=Param(None, int, low=0, optional=True, doc="sliding window |i - j| <= window (exact kinds)"),
     max_len=Param(None, int, low=1, optional=True, doc="longest accepted sequence"),
+    kv_heads=Param(None, int, low=1, optional=True, doc="key/value heads, dividing heads (grouped-query attention; None: heads)"),
 )
 
 NORMALIZATIONS = ("softmax", "kernel")  # row normalisations of exact scores: softmax, or division by the row sum
@@ -309,6 +311,9 @@ class KernelSpec:
     fused_softmax: bool = False                # scores q·k/√D with softmax: frameworks may use fused attention
     family: str = "other"                      # group in tables and plots
     summary: str = ""                          # one line for tables
+    causal: bool = True                        # the kind has a causal (left-to-right) form: causal LMs may use it
+    step: Callable | None = None               # decoding: (spec, q, k, v, cache, state, params, ctx) -> (out, cache);
+                                               #   None: the form's update (exact: key/value cache, feature: recurrent state)
 
     @property
     def exact(self) -> bool:
@@ -318,6 +323,12 @@ class KernelSpec:
     def normalization(self, params: dict) -> str | None:
         "The row normalisation of an exact kind under resolved `params` (None for feature maps)."
         return self.normalize or (params["normalize"] if self.exact else None)
+
+    @property
+    def decode_step(self) -> Callable:
+        "The kind's recurrent update: its own `step`, else its form's (`kv_cache_step` or `recurrent_state_step`)."
+        if self.step is not None: return self.step
+        return kv_cache_step if self.exact else recurrent_state_step
 
     @property
     def defaults(self) -> dict:
@@ -1053,3 +1064,166 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         if mask is not None: K = xp.where(mask, K, xp.zeros_like(K))
         weights = K / _guard_den(xp, xp.sum(K, axis=-1, keepdims=True), spec.positive)
     return out, weights
+
+# %% ../../nbs/10_kernels.ipynb #669b8fca
+CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
+
+@dataclass
+class DecodeContext:
+    "What a decoding step knows besides q, k, v: namespace, the new tokens' validity and positions, cache settings."
+    xp: Any                   # array namespace
+    valid: Any                # [B, T] bool: real new tokens (left padding is False)
+    positions: Any            # [B, T] int positions of the new tokens
+    window: int | None        # sliding window |i - j| <= window (exact kinds)
+    max_len: int | None       # most tokens a key/value cache may hold (None: unbounded)
+    reserve: int | None       # capacity to allocate at once (e.g. prompt + max_new_tokens, for a jitted loop)
+    cache_dtype: Any          # storage dtype of a key/value cache (None: that of k)
+    chunk_size: int           # prefill chunk length of recurrent states
+
+def cache_bucket(n: int, # tokens the cache must hold
+                 max_len: int | None = None, # cap (the model's max_len)
+                ) -> int:
+    "Capacity for `n` tokens: the next power of two >= max(n, `CACHE_MIN_BUCKET`), capped at `max_len` (but >= n)."
+    c = CACHE_MIN_BUCKET
+    while c < n: c *= 2
+    return c if max_len is None else max(n, min(c, max_len))
+
+def _repeat_heads(xp, a, heads):
+    "`[B, Hkv, ...]` -> `[B, H, ...]`: each key/value head serves H/Hkv consecutive query heads (grouped-query attention)."
+    g = heads // a.shape[1]
+    return a if g == 1 else xp.repeat(a, g, axis=1)  # [B, H, ...]
+
+def _grow(xp, a, axis, size):
+    "Zero-pad `a` along `axis` to `size`."
+    return _pad_len(xp, a, size - a.shape[axis], axis, value=0)
+
+def kv_cache_step(spec, q, k, v, cache, state, params, ctx):
+    "Exact kinds: write k, v `[B, Hkv, T, *]` into the key/value cache (lazy, bucketed), attend q `[B, H, T, D]` to it."
+    xp = ctx.xp
+    B, H, T, D = q.shape
+    Hkv, E = k.shape[1], v.shape[-1]
+    sd = k.dtype if ctx.cache_dtype is None else ctx.cache_dtype
+    if cache is None:  # allocated at the first call, never eagerly at full size
+        cache = dict(k=xp.zeros((B, Hkv, 0, D), dtype=sd, **_dev(k)), v=xp.zeros((B, Hkv, 0, E), dtype=sd, **_dev(k)),
+                     valid=xp.zeros((B, 0), dtype=xp.bool, **_dev(k)), length=0)
+    K, V, ok, t = cache["k"], cache["v"], cache["valid"], cache["length"]
+    if isinstance(t, int):  # concrete length: grow by buckets, write by slicing
+        C = K.shape[2]
+        if t + T > C:
+            C = cache_bucket(max(t + T, ctx.reserve or 0), ctx.max_len)
+            K, V, ok = _grow(xp, K, 2, C), _grow(xp, V, 2, C), _grow(xp, ok, 1, C)  # [B, Hkv, C, *], [B, C]
+        K = xp.concat([K[:, :, :t], xp.astype(k, sd), K[:, :, t + T:]], axis=2)  # [B, Hkv, C, D]
+        V = xp.concat([V[:, :, :t], xp.astype(v, sd), V[:, :, t + T:]], axis=2)  # [B, Hkv, C, E]
+        ok = xp.concat([ok[:, :t], ctx.valid, ok[:, t + T:]], axis=1)  # [B, C]
+    else:  # traced length (jitted decoding): write slots t..t+T-1 of the preallocated cache by selection
+        C = K.shape[2]
+        rel = xp.arange(C, **_dev(K)) - t  # [C] slot minus the first new slot
+        slot = (rel >= 0) & (rel < T)  # [C] slots receiving a new token
+        src = xp.clip(rel, min=0, max=T - 1)  # [C] which new token each slot would take
+        K = xp.where(slot[None, None, :, None], xp.take(xp.astype(k, sd), src, axis=2), K)  # [B, Hkv, C, D]
+        V = xp.where(slot[None, None, :, None], xp.take(xp.astype(v, sd), src, axis=2), V)  # [B, Hkv, C, E]
+        ok = xp.where(slot[None, :], xp.take(ctx.valid, src, axis=1), ok)  # [B, C]
+    Kr = _repeat_heads(xp, xp.astype(K, q.dtype), H)  # [B, H, C, D]
+    Vr = _repeat_heads(xp, xp.astype(V, q.dtype), H)  # [B, H, C, E]
+    qi = t + xp.arange(T, **_dev(K))  # [T] cache slots of the new queries
+    d = qi[:, None] - xp.arange(C, **_dev(K))[None, :]  # [T, C] query minus key slot
+    vis = d >= 0
+    if ctx.window is not None: vis = vis & (d <= ctx.window)
+    mask = vis[None, None] & ok[:, None, None, :] & ctx.valid[:, None, :, None]  # [B, 1, T, C]
+    w = _normalise(xp, spec.score(xp, q, Kr, params), mask, spec.normalization(params))  # [B, H, T, C]
+    return w @ Vr, dict(k=K, v=V, valid=ok, length=t + T)
+
+def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
+    xp = ctx.xp
+    T = q.shape[2]
+    kv = valid[:, None, :, None]  # [B, 1, T, 1]
+    pos = None
+    if spec.uses_positions:
+        cd = xp.float64 if q.dtype == xp.float64 else xp.float32
+        pos = xp.astype(positions, cd)[:, None, :, None]  # [B, 1, T, 1]
+    fq = spec.features(q, state, params, FeatureContext(xp, "query", pos, kv, True, T))  # [B, H, T, F]
+    fk = spec.features(k, state, params, FeatureContext(xp, "key", pos, kv, True, T))  # [B, H, T, F]
+    lk = None
+    if isinstance(fk, tuple): fk, lk = fk  # key log-scales [B, H, T]
+    fk = xp.where(kv, fk, xp.zeros_like(fk))  # pads add nothing to the state
+    if lk is not None:
+        low = float(xp.finfo(fk.dtype).min) / 2
+        lk = xp.where(valid[:, None, :], lk, xp.full_like(lk, low))  # [B, H, T]
+        m_new = xp.maximum(m, xp.max(lk, axis=-1))  # [B, H] running maximum of the log-scales
+        fk = fk * _masked_exp(xp, lk - m_new[..., None], lk > low)[..., None]  # [B, H, T, F] scaled by e^{-m_new}
+        S = S * xp.exp(m - m_new)[..., None, None]  # [B, H, F, E+1] rescaled to e^{-m_new}
+        m = m_new
+    i = xp.arange(T, **_dev(q))
+    A = fq @ _mT(xp, fk)  # [B, H, T, T]
+    A = xp.where((i[:, None] >= i[None, :])[None, None], A, xp.zeros_like(A))  # causal within the chunk
+    tot = fq @ S + A @ v1  # [B, H, T, E+1]
+    out = tot[..., :-1] / _guard_den(xp, tot[..., -1:], spec.positive)  # [B, H, T, E]
+    out = xp.where(kv, out, xp.zeros_like(out))
+    return out, S + _mT(xp, fk) @ v1, m  # state += Σ φ(k_j) [v_j; 1]ᵀ
+
+def recurrent_state_step(spec, q, k, v, cache, state, params, ctx):
+    "Feature-map kinds: fold k, v `[B, Hkv, T, *]` into the fixed-size state `Σφ(k)[v; 1]ᵀ`, read it with φ(q)."
+    xp = ctx.xp
+    B, H, T, D = q.shape
+    k, v = _repeat_heads(xp, k, H), _repeat_heads(xp, v, H)  # [B, H, T, *]
+    E = v.shape[-1]
+    kv = ctx.valid[:, None, :, None]  # [B, 1, T, 1]
+    q, k, v = (xp.where(kv, a, xp.zeros_like(a)) for a in (q, k, v))  # pads never reach the result
+    v1 = xp.concat([v, xp.ones((B, H, T, 1), dtype=v.dtype, **_dev(v))], axis=-1)  # [B, H, T, E+1]
+    if cache is None:
+        F = int(spec.feature_dim(D, params))
+        cache = dict(S=xp.zeros((B, H, F, E + 1), dtype=q.dtype, **_dev(q)),
+                     m=xp.full((B, H), float(xp.finfo(q.dtype).min) / 2, dtype=q.dtype, **_dev(q)), length=0)
+    S, m, outs = cache["S"], cache["m"], []
+    C = max(1, int(ctx.chunk_size))
+    for s in range(0, T, C):  # prefill in chunks; a decoding step is one chunk of one token
+        sl = slice(s, min(T, s + C))
+        o, S, m = _state_chunk(spec, q[:, :, sl], k[:, :, sl], v1[:, :, sl], S, m, state, params, ctx,
+                               ctx.valid[:, sl], ctx.positions[:, sl])
+        outs.append(o)
+    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)  # [B, H, T, E]
+    return out, dict(S=S, m=m, length=cache["length"] + T)
+
+def decode_attention(kind: str, # attention kind
+                     q, # new queries [B, H, T, D] (RoPE'd if enabled)
+                     k, # new keys [B, Hkv, T, D], Hkv dividing H
+                     v, # new values [B, Hkv, T, E]
+                     cache=None, # this layer's cache from the previous call (None: the first call)
+                     state=None, # the kind's random arrays (`init_state`)
+                     *,
+                     params=None, # the kind's parameters
+                     valid=None, # [B, T] bool real new tokens (default: all)
+                     position_ids=None, # [B, T] positions of the new tokens (default: cache length + arange)
+                     window: int | None = None, # sliding window (exact kinds)
+                     max_len: int | None = None, # most tokens a key/value cache may hold
+                     reserve: int | None = None, # capacity to allocate at once (key/value caches)
+                     cache_dtype=None, # key/value storage dtype (e.g. bfloat16), None: k's dtype
+                     chunk_size: int | None = None, # prefill chunk length of recurrent states
+                    ):
+    "Causal attention of T new tokens given the cache of the earlier ones: `(out [B, H, T, E], new cache)`."
+    spec = get_kind(kind)
+    p = resolve_params(kind, params)
+    xp = array_namespace(q, k, v)
+    for n, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 4: raise ValueError(f"{n} has shape {tuple(a.shape)}; allowed: [B, H, T, D]")
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1]:
+        raise ValueError(f"k has shape {tuple(k.shape)}; allowed: [B, Hkv, T, D] = [{B}, a divisor of {H}, {T}, {D}]")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]): raise ValueError(f"v has shape {tuple(v.shape)}; allowed: [B, Hkv, T, *] like k")
+    t = 0 if cache is None else cache["length"]
+    if max_len is not None and isinstance(t, int) and t + T > max_len:
+        raise ValueError(f"the cache holds {t} tokens and {T} more were given: {t + T} > max_len={max_len}; "
+                         f"allowed: at most {max_len} tokens in all")
+    if valid is None: valid = xp.ones((B, T), dtype=xp.bool, **_dev(q))
+    elif not xp.isdtype(valid.dtype, "bool"): valid = valid != 0
+    if position_ids is None: position_ids = xp.broadcast_to(t + xp.arange(T, **_dev(q))[None, :], (B, T))  # [B, T]
+    st = None if spec.exact else _state_arrays(xp, spec, state, q, H, p)
+    ctx = DecodeContext(xp, valid, position_ids, window, max_len, reserve, cache_dtype,
+                        chunk_size or (params or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE)
+    return spec.decode_step(spec, q, k, v, cache, st, p, ctx)
+
+def cache_nbytes(cache) -> int:
+    "Bytes held by the arrays of a cache (a layer's dict, or a list of them)."
+    if cache is None: return 0
+    if isinstance(cache, (list, tuple)): return sum(cache_nbytes(c) for c in cache)
+    return sum(int(a.nbytes) for a in cache.values() if hasattr(a, "nbytes"))  # numpy, torch and JAX arrays

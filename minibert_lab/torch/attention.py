@@ -40,7 +40,7 @@ def default_position_ids(B: int, # batch size
     first = torch.cummax(torch.where(start, idx, 0), dim=1).values  # [B, L] index of the document's first token
     return idx - first  # [B, L]
 
-# %% ../../nbs/11_attention.torch.ipynb #d45745a9
+# %% ../../nbs/11_attention.torch.ipynb #eaf5fffd
 class Attention(nn.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES`."
     def __init__(self, kind: str, # attention kind
@@ -52,8 +52,8 @@ class Attention(nn.Module):
         self.spec: AttentionSpec = attention_spec(kind, dim, heads, **params)
         s = self.spec
         self.q_proj = nn.Linear(dim, dim, bias=s.bias)
-        self.k_proj = nn.Linear(dim, dim, bias=s.bias)
-        self.v_proj = nn.Linear(dim, dim, bias=s.bias)
+        self.k_proj = nn.Linear(dim, s.num_kv_heads * s.head_dim, bias=s.bias)  # fewer heads with grouped-query attention
+        self.v_proj = nn.Linear(dim, s.num_kv_heads * s.head_dim, bias=s.bias)
         self.o_proj = nn.Linear(dim, dim, bias=s.bias)
         state = kernels.init_state(kind, heads, s.head_dim, s.seed, **s.params)
         for name, arr in state.items():
@@ -76,14 +76,16 @@ class Attention(nn.Module):
         s = self.spec
         return f"kind={s.kind!r}, heads={s.heads}, head_dim={s.head_dim}, rope={s.rope}, dropout={s.dropout}, window={s.window}"
 
-    def split_heads(self, x): # [B, L, dim]
-        "`[B, L, dim]` -> `[B, H, L, D]`."
+    def split_heads(self, x, heads: int | None = None): # [B, L, heads*D]
+        "`[B, L, heads*D]` -> `[B, heads, L, D]` (default: the query heads)."
         B, L, _ = x.shape
-        return x.view(B, L, self.spec.heads, self.spec.head_dim).transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D]
+        return x.view(B, L, heads or self.spec.heads, self.spec.head_dim).transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D]
 
     def qkv(self, x, position_ids): # x [B, L, dim], position_ids [B, L]
-        "Projected (and RoPE'd) q, k, v in the kernel layout `[B, H, L, D]`."
-        q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # 3 x [B, H, L, D]
+        "Projected (and RoPE'd) q `[B, H, L, D]`, k, v `[B, Hkv, L, D]` in the kernel layout."
+        Hkv = self.spec.num_kv_heads
+        q = self.split_heads(self.q_proj(x))  # [B, H, L, D]
+        k, v = self.split_heads(self.k_proj(x), Hkv), self.split_heads(self.v_proj(x), Hkv)  # [B, Hkv, L, D] each
         if self.spec.rope:
             cos, sin = kernels.rope_cos_sin(position_ids, self.spec.head_dim, self.spec.rope_theta)  # [B, 1, L, D] each
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -127,13 +129,37 @@ class Attention(nn.Module):
         tok = kernels.token_mask(attention_mask, segment_ids, xp_torch)  # [B, L] real tokens, or None
         if tok is not None: x = torch.where(tok[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))  # pads never reach the result (select, not multiply)
         if position_ids is None: position_ids = default_position_ids(B, L, segment_ids, x.device)
-        q, k, v = self.qkv(x, position_ids)  # 3 x [B, H, L, D]
+        q, k, v = self.qkv(x, position_ids)  # [B, H, L, D], 2 x [B, Hkv, L, D]
+        g = self.spec.heads // self.spec.num_kv_heads
+        if g > 1: k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [B, H, L, D] each
         if self.fast_path and self.spec.softmax_fast_path and not output_attentions:
             out, w = self._sdpa(q, k, v, attention_mask, segment_ids, causal), None
         else:
             out, w = self._core(q, k, v, attention_mask, position_ids, segment_ids, causal, output_attentions)
         y = self.o_proj(out.transpose(1, 2).reshape(B, L, dim))  # [B, H, L, D] -> [B, L, H, D] -> [B, L, dim]
         return (y, w) if output_attentions else y
+
+    def decode(self, x: torch.Tensor, # hidden states of the new tokens [B, T, dim]
+               cache=None, # this layer's cache from the previous call (None: the first call)
+               position_ids: torch.Tensor | None = None, # [B, T] positions of the new tokens
+               valid: torch.Tensor | None = None, # [B, T] bool real new tokens (left padding is False)
+               reserve: int | None = None, # key/value cache capacity to allocate at once
+               cache_dtype: torch.dtype | None = None, # key/value storage dtype (e.g. torch.bfloat16)
+              ):
+        "Causal attention of new tokens given the cache of the earlier ones: `(y [B, T, dim], cache)` (`kernels.decode_attention`)."
+        s = self.spec
+        B, T, dim = x.shape
+        t = 0 if cache is None else cache["length"]
+        if position_ids is None: position_ids = (t + torch.arange(T, device=x.device)).expand(B, T)  # [B, T]
+        if valid is not None: x = torch.where(valid[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        q, k, v = self.qkv(x, position_ids)  # [B, H, T, D], 2 x [B, Hkv, T, D]
+        cd = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
+        state = {n: getattr(self, n).to(cd) for n in self.state_names}
+        out, cache = kernels.decode_attention(s.kind, q.to(cd), k.to(cd), v.to(cd), cache, state, params=s.params,
+                                              valid=valid, position_ids=position_ids, window=s.window, max_len=s.max_len,
+                                              reserve=reserve, cache_dtype=cache_dtype, chunk_size=s.chunk_size)
+        y = self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, dim))  # [B, H, T, D] -> [B, T, H, D] -> [B, T, dim]
+        return y, cache
 
 # %% ../../nbs/11_attention.torch.ipynb #269f5fe6
 def build_attention(kind: str, # attention kind, one of `kernels.ATTENTION_TYPES`

@@ -206,7 +206,7 @@ class Embeddings(nn.Module):
         if self.norm is not None: x = self.norm(x)
         return self.drop(x)
 
-# %% ../../nbs/20_models.torch.ipynb #6c84ac21
+# %% ../../nbs/20_models.torch.ipynb #cdcdaba9
 class EncoderOutput(NamedTuple):
     "What `MiniBERT` returns."
     last_hidden_state: torch.Tensor             # [B, L, dim] after the final norm
@@ -228,18 +228,34 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attention_mask=None, position_ids=None, segment_ids=None, output_attentions=False):
+    def forward(self, x, attention_mask=None, position_ids=None, segment_ids=None, output_attentions=False,
+                causal: bool = False, # causal attention (the causal LMs' blocks)
+               ):
         h = self.attn_norm(x) if self.prenorm else x
         a = self.attn(h, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids,
-                      output_attentions=output_attentions)
+                      causal=causal, output_attentions=output_attentions)
         a, w = a if output_attentions else (a, None)                         # [B, L, dim], [B, H, L, L]
+        return self._residual(x, a), w
+
+    def _residual(self, x, a):
+        "The block after its attention output `a`: residual, norms, FFN."
         if self.prenorm:
             x = x + self.drop(a)
-            x = x + self.drop(self.ffn(self.ffn_norm(x)))
-        else:
-            x = self.attn_norm(x + self.drop(a))
-            x = self.ffn_norm(x + self.drop(self.ffn(x)))
-        return x, w
+            return x + self.drop(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.drop(a))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+    def decode(self, x, # new tokens' hidden states [B, T, dim]
+               cache=None, # this block's attention cache (None: the first call)
+               position_ids=None, # [B, T] positions of the new tokens
+               valid=None, # [B, T] bool real new tokens
+               reserve=None, # key/value cache capacity to allocate at once
+               cache_dtype=None, # key/value storage dtype
+              ):
+        "The block on new tokens, attending causally through the cache: `(x [B, T, dim], cache)`."
+        h = self.attn_norm(x) if self.prenorm else x
+        a, cache = self.attn.decode(h, cache, position_ids, valid, reserve, cache_dtype)
+        return self._residual(x, a), cache
 
 def init_weights(module: nn.Module, # a model (all submodules are visited)
                  std: float, # standard deviation of the truncated normal

@@ -58,7 +58,7 @@ def shard_rows(batch: dict, rank: int, world: int) -> dict:
     if b % world: raise ValueError(f"batch_size={b} is not divisible by the world size {world}; allowed: a multiple")
     return {k: (np.asarray(v)[rank::world] if v is not None else None) for k, v in batch.items()}
 
-# %% ../../nbs/41_train.torch.ipynb #51f309c4
+# %% ../../nbs/41_train.torch.ipynb #6ee9e30e
 class TorchBackend:
     "torch model + AdamW + schedule; one optimizer step per `train_step`, exact save/load."
     def __init__(self, cfg: ExperimentConfig,  # the run's config (model vocabulary matched to the tokenizer)
@@ -68,7 +68,10 @@ class TorchBackend:
         self.cfg, tc = cfg, cfg.train
         self.rank, self.world = init_distributed(tc.distributed)
         torch.manual_seed(tc.seed)
-        self.model = MiniBERTForMaskedLM(cfg.model)
+        if cfg.data.objective == "clm":
+            from minibert_lab.torch.causal import MiniGPTForCausalLM
+            self.model = MiniGPTForCausalLM(cfg.model)
+        else: self.model = MiniBERTForMaskedLM(cfg.model)
         self.wrapped = self.model
         if self.world > 1 and tc.distributed == "ddp":
             from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,201 @@
+"Causal LMs: prefill + token-by-token decoding equals the full causal forward for every kind (torch, JAX), cache sizes, conversion."
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from minibert_lab import kernels
+from minibert_lab.causal import check_causal_architecture
+from minibert_lab.config import ModelConfig
+from minibert_lab.kernels import ATTENTION_TYPES, cache_nbytes
+from minibert_lab.torch.causal import MiniGPTForCausalLM, decode_matches_forward
+
+
+def tiny_cfg(kind, max_len=64, **kw):
+    p = kernels.small_params(kind)
+    if "cos_max_len" in kernels.kind_params(kind): p["cos_max_len"] = max_len
+    return ModelConfig.preset("gpt-tiny", vocab_size=99, dim=32, heads=4, kv_heads=2, ffn_dim=40, max_len=max_len,
+                              attention=dict(kind=kind, params=p, chunk_size=4), **kw)
+
+
+def torch_model(kind, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    return MiniGPTForCausalLM(tiny_cfg(kind, **kw)).to(dtype).eval()
+
+
+def prompts(L, seed=0, pad=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 99, (3, L), generator=g)
+    am = torch.ones(3, L, dtype=torch.long)
+    am[1, :min(pad, L - 1)] = 0  # left padding, rows of different lengths
+    am[2, :min(2, L - 1)] = 0
+    return ids, am
+
+
+@pytest.mark.parametrize("kind", ATTENTION_TYPES)
+def test_decode_equals_forward_float64(kind):
+    m = torch_model(kind)
+    ids, am = prompts(13)
+    for prefill in (0, 1, 9):
+        assert decode_matches_forward(m, ids, am, prefill) < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ATTENTION_TYPES)
+def test_decode_equals_forward_long_prefills(kind):
+    m = torch_model(kind, max_len=160)
+    ids, am = prompts(136, pad=40)
+    for prefill in (0, 64, 130):
+        assert decode_matches_forward(m, ids, am, prefill) < 1e-10
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k in ("standard", "performer", "slay-tensor") else pytest.mark.slow)
+                                  for k in ATTENTION_TYPES])
+def test_decode_equals_forward_float32_relative(kind):
+    m = torch_model(kind, dtype=torch.float32)
+    ids, am = prompts(12)
+    with torch.no_grad(): scale = float(m(ids, am).logits.abs().max())
+    assert decode_matches_forward(m, ids, am, 5) / scale < 1e-5
+
+
+def test_recurrent_state_is_constant_and_kv_cache_grows():
+    sizes = {}
+    for kind in ("slay", "performer", "standard"):
+        m = torch_model(kind, dtype=torch.float32, max_len=128)
+        ids = torch.randint(1, 99, (1, 100))
+        _, cache = m.decode(ids[:, :1])
+        seen = []
+        for t in range(1, 100):
+            _, cache = m.decode(ids[:, t:t + 1], cache)
+            seen.append(cache_nbytes(cache["layers"]))
+        sizes[kind] = seen
+    for kind in ("slay", "performer"): assert len(set(sizes[kind])) == 1, kind  # O(1) in the context length
+    kv = sizes["standard"]
+    assert kv[-1] > kv[0] and all(b >= a for a, b in zip(kv, kv[1:]))
+    assert len(set(kv)) == 4  # length buckets 16, 32, 64, 128: grown 3 times, never eagerly at full size
+    per_token = 2 * (2 * 2 * 8 * 4 + 1)  # layers x ((k, v) x kv_heads x head_dim x fp32 bytes + a valid flag)
+    assert kv[-1] == 128 * per_token and kv[0] == 16 * per_token
+
+
+def test_kv_cache_half_precision_storage():
+    m = torch_model("standard", dtype=torch.float32)
+    ids, am = prompts(12)
+    _, c = m.decode(ids[:, :4], None, am[:, :4], cache_dtype=torch.bfloat16)
+    assert c["layers"][0]["k"].dtype == torch.bfloat16
+    with torch.no_grad(): scale = float(m(ids, am).logits.abs().max())
+    assert decode_matches_forward(m, ids, am, 4, cache_dtype=torch.bfloat16) / scale < 2e-2
+
+
+def test_traced_cache_write_matches_sliced():
+    "The select-based write (what jax.jit traces) equals the sliced write on concrete lengths."
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 4, 3, 8)) for _ in range(3))
+    o1, c1 = kernels.decode_attention("standard", q, k[:, :2], v[:, :2], None, reserve=20)
+    q2, k2, v2 = (rng.standard_normal((2, 4, 2, 8)) for _ in range(3))
+    o2, c2 = kernels.decode_attention("standard", q2, k2[:, :2], v2[:, :2], c1)
+    traced = dict(c1, length=np.asarray(c1["length"]))  # not a Python int: the selection path
+    o3, c3 = kernels.decode_attention("standard", q2, k2[:, :2], v2[:, :2], traced)
+    np.testing.assert_allclose(o3, o2, atol=1e-12)
+    np.testing.assert_allclose(c3["k"], c2["k"], atol=0)
+
+
+def test_kind_without_causal_form_and_encoder_checkpoints():
+    spec = dataclasses.replace(kernels.get_kind("linear"), name="bidir-only", causal=False)
+    kernels.register_kind(spec)
+    try:
+        with pytest.raises(ValueError, match="'bidir-only' has no causal form"):
+            MiniGPTForCausalLM(tiny_cfg("bidir-only"))
+    finally:
+        kernels.unregister_kind("bidir-only")
+    with pytest.raises(ValueError, match="holds a MiniBERTForMaskedLM, an encoder"):
+        check_causal_architecture("MiniBERTForMaskedLM")
+
+
+def test_generate_errors():
+    m = torch_model("standard", dtype=torch.float32)
+    ids, am = prompts(6)
+    for kw, msg in [(dict(do_sample=True, top_p=0.0), "top_p=0.0"), (dict(num_beams=0), "num_beams=0"),
+                    (dict(max_new_tokens=100), "max_new_tokens=100")]:
+        with pytest.raises(ValueError, match=msg): m.generate(ids, am, **kw)
+    with pytest.raises(ValueError, match="prompt is empty"): m.generate(ids[:, :0])
+    with pytest.raises(ValueError, match="longer than the model's limit"): m.generate(torch.ones(1, 65, dtype=torch.long))
+    bad = am.clone(); bad[0] = 0
+    with pytest.raises(ValueError, match="no real token"): m.generate(ids, bad)
+
+
+# --- JAX: the same logits through the converted weights ---------------------------------------------------------
+
+def jax_pair(kind):
+    from minibert_lab.convert import torch_to_jax
+    t = torch_model(kind, dtype=torch.float32)
+    return t, torch_to_jax(t)
+
+
+@pytest.mark.parametrize("kind", ["standard"])
+def test_jax_decode_matches_torch_forward(kind):
+    from minibert_lab.jax.causal import decode_matches_forward as jax_dmf
+    t, j = jax_pair(kind)
+    ids, am = prompts(12)
+    with torch.no_grad(): full = t(ids, am).logits.numpy()
+    scale = np.abs(full).max()
+    assert jax_dmf(j, ids.numpy(), am.numpy(), 5) / scale < 1e-5
+    import jax.numpy as jnp
+    from minibert_lab.jax.causal import _forward_jit
+    jf = np.asarray(_forward_jit(j, jnp.asarray(ids.numpy(), jnp.int32), jnp.asarray(am.numpy(), jnp.int32)))
+    keep = am.numpy().astype(bool)
+    assert np.abs(jf - full)[keep].max() / scale < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ATTENTION_TYPES)
+def test_jax_decode_every_kind(kind):
+    test_jax_decode_matches_torch_forward(kind)
+
+
+@pytest.mark.slow
+def test_round_trip_and_generate_parity(tmp_path):
+    from minibert_lab.convert import jax_to_torch, load_pretrained, save_pretrained
+    t, j = jax_pair("slay")
+    back = jax_to_torch(j).eval()
+    ids, am = prompts(7)
+    with torch.no_grad(): np.testing.assert_array_equal(back(ids, am).logits.numpy(), t(ids, am).logits.numpy())
+    gt = t.generate(ids, am, max_new_tokens=5).numpy()
+    gj = np.asarray(j.generate(ids.numpy(), am.numpy(), max_new_tokens=5))
+    np.testing.assert_array_equal(gj, gt)
+    save_pretrained(t, tmp_path / "ck")
+    re = load_pretrained(tmp_path / "ck", framework="torch")
+    assert type(re).__name__ == "MiniGPTForCausalLM"
+
+
+X64_SCRIPT = r'''
+import sys, json
+import jax, jax.numpy as jnp, torch
+jax.config.update("jax_enable_x64", True)
+from flax import nnx
+sys.path.insert(0, sys.argv[1])
+from test_causal import torch_model, prompts
+from minibert_lab.convert import torch_to_jax
+from minibert_lab.jax.causal import decode_matches_forward
+out = {}
+for kind in sys.argv[2:]:
+    j = torch_to_jax(torch_model(kind, dtype=torch.float32))
+    nnx.update(j, jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, nnx.state(j)))
+    for layer in j.model.layers: layer.attn.fast_path = None  # the float64 kernel core (the fused path computes in fp32)
+    ids, am = prompts(13)
+    out[kind] = max(decode_matches_forward(j, ids.numpy(), am.numpy(), p) for p in (0, 9))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_jax_decode_float64_every_kind():
+    "JAX in float64 (x64 is process-wide, so in a subprocess): decoding equals the full causal forward to 1e-10."
+    import json, subprocess, sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    r = subprocess.run([sys.executable, "-c", X64_SCRIPT, str(here), *ATTENTION_TYPES], capture_output=True, text=True,
+                       cwd=here.parent, timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(errs) == set(ATTENTION_TYPES) and max(errs.values()) < 1e-10, errs
