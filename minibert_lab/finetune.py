@@ -22,10 +22,11 @@ from .pretrain import TOKENIZER_DIR, read_experiment_config, resolve_model_path
 # %% auto #0
 __all__ = ['FINETUNE_FILE', 'BEST_FILE', 'FINETUNE_KINDS', 'MONITORS', 'PAD_MULTIPLE', 'task_splits', 'encode_examples',
            'pad_batch', 'label_array', 'TaskLoader', 'fixed_task_batches', 'build_task_model', 'task_to_jax',
-           'make_task_backend', 'predict_logits', 'evaluate_task', 'read_spec', 'finetune', 'LoadedRun', 'load_run',
-           'evaluate_run', 'predict_texts', 'finetune_parser', 'cli_finetune', 'cli_evaluate', 'cli_predict']
+           'make_task_backend', 'predict_logits', 'evaluate_task', 'frozen_scale', 'read_spec', 'finetune', 'LoadedRun',
+           'load_run', 'evaluate_run', 'predict_texts', 'finetune_parser', 'cli_finetune', 'cli_evaluate',
+           'cli_predict']
 
-# %% ../nbs/44_finetune.ipynb #aeb7446b
+# %% ../nbs/44_finetune.ipynb #55130825
 FINETUNE_FILE = "finetune.json"   # a run folder's task spec: head, label names, task, columns, init
 BEST_FILE = "best.json"           # a run folder's best checkpoint by the monitored validation metric
 FINETUNE_KINDS = PROBLEM_TYPES    # head kinds the labelled data readers provide (binary, multiclass, ordinal, regression)
@@ -41,6 +42,7 @@ def task_splits(task: str | None = None,           # a packaged task (`tasks.TAS
                 kind: str | None = None,            # head kind of user files (default: multiclass)
                 max_train: int | None = None,       # keep this many training examples (a seeded subsample)
                 seed: int = 0,
+                max_heldout: int | None = None,     # keep this many validation and test examples (a seeded subsample)
                ):
     "(splits `{name: datasets.Dataset}` with `text` and `label`, problem type, label names or None)."
     if (task is None) == (train is None):
@@ -63,8 +65,8 @@ def task_splits(task: str | None = None,           # a packaged task (`tasks.TAS
         names = None if problem == "regression" else list(dd["train"].features["label"].names)
     for s, ds in splits.items():
         if len(ds) == 0: raise ValueError(f"the {s} split of {task or train!r} has no examples; allowed: a non-empty split")
-    if max_train is not None and max_train < len(splits["train"]):
-        splits["train"] = splits["train"].shuffle(seed=seed).select(range(max_train))
+    for s, n in (("train", max_train), ("validation", max_heldout), ("test", max_heldout)):
+        if s in splits and n is not None and n < len(splits[s]): splits[s] = splits[s].shuffle(seed=seed).select(range(n))
     return splits, problem, names
 
 def encode_examples(tokenizer, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
@@ -183,7 +185,7 @@ def task_to_jax(model):
     out.train()
     return out
 
-# %% ../nbs/44_finetune.ipynb #daae70b0
+# %% ../nbs/44_finetune.ipynb #59cf0bdb
 def _eval_counts(head: HeadConfig, z: np.ndarray, labels) -> tuple[float, int, int]:
     "`Backend.eval_batch`'s triple for a task batch: summed loss, examples, correct predictions (0 for regression)."
     y = np.asarray(labels)
@@ -193,10 +195,14 @@ def _eval_counts(head: HeadConfig, z: np.ndarray, labels) -> tuple[float, int, i
     pred = (s >= 0.5).astype(int) if head.kind == "binary" else s if head.kind == "ordinal" else s.argmax(-1)
     return loss, len(y), int((pred == y).sum())
 
-def make_task_backend(cfg: ExperimentConfig, model, llrd: float | None = None):
-    "The task backend of `cfg.train.framework` around `model`, with layer-wise LR decay `llrd` (None: off)."
+def make_task_backend(cfg: ExperimentConfig, model, llrd: float | None = None, freeze_layers: int = 0):
+    "The task backend of `cfg.train.framework` around `model`, with layer-wise LR decay `llrd` (None: off) and the embeddings and lowest `freeze_layers` layers frozen."
     depth = cfg.model.depth
-    scale = None if llrd is None else (lambda name: layer_lr_scale(name, depth, llrd))
+    scale = None if llrd is None and not freeze_layers else \
+        (lambda name: (1.0 if llrd is None else layer_lr_scale(name, depth, llrd)) * frozen_scale(name, freeze_layers))
+    if cfg.train.framework == "torch" and freeze_layers:     # no gradients for frozen parameters (cheaper backward)
+        for n, p in model.named_parameters():
+            if frozen_scale(n, freeze_layers) == 0: p.requires_grad_(False)
     if cfg.train.framework == "torch":
         from minibert_lab.torch.train import TorchBackend, to_torch
         import torch
@@ -251,10 +257,20 @@ def evaluate_task(backend, batches: Sequence[dict], step: int | None = None) -> 
     rec.update({f"val_{k}": v for k, v in task_metrics(head.kind, y, scores(head.kind, z)).items()})
     return rec if step is None else {"step": step, **rec}
 
-# %% ../nbs/44_finetune.ipynb #ae5cc875
-def _spec_dict(head: HeadConfig, names, task, init, text_column, label_column, llrd, max_train) -> dict:
+# %% ../nbs/44_finetune.ipynb #fb69524a
+def _spec_dict(head: HeadConfig, names, task, init, text_column, label_column, llrd, max_train, freeze_layers) -> dict:
     return {"head": head.to_dict(), "label_names": names, "task": task, "init": str(init), "text_column": text_column,
-            "label_column": label_column, "llrd": llrd, "max_train": max_train}
+            "label_column": label_column, "llrd": llrd, "max_train": max_train, "freeze_layers": freeze_layers}
+
+def frozen_scale(name: str, freeze_layers: int) -> float:
+    "0 for the embeddings and the lowest `freeze_layers` layers (frozen), 1 otherwise."
+    if freeze_layers <= 0: return 1.0
+    parts = name.split(".")
+    if "embeddings" in parts: return 0.0
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) < freeze_layers: return 0.0
+    return 1.0
 
 def read_spec(run: str | Path) -> dict:
     "The task spec (`finetune.json`) of a fine-tuning run folder; a folder without one is refused by name."
@@ -290,6 +306,8 @@ def finetune(init: str | Path,                 # preset name or model folder (se
              warmup_fraction: float = 0.1,
              weight_decay: float = 0.01,
              max_train: int | None = None,     # subsample the training split to this many examples
+             max_heldout: int | None = None,   # subsample the validation (and test) split to this many examples
+             freeze_layers: int = 0,           # freeze the embeddings and this many lowest layers (0: train everything)
              seed: int = 0,
              resume: bool = False,
              progress: bool = True,
@@ -299,10 +317,10 @@ def finetune(init: str | Path,                 # preset name or model folder (se
     "Fine-tune `init` with a task head on a task or on labelled files; returns `fit`'s result (the run folder is self-contained)."
     if pooling not in POOLINGS: raise ValueError(f"pooling={pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
     if llrd is not None: layer_lr_scale("", 1, llrd)          # a bad factor is refused before any work
-    splits, problem, names = task_splits(task, train, validation, test, text_column, label_column, kind, max_train, seed)
+    splits, problem, names = task_splits(task, train, validation, test, text_column, label_column, kind, max_train, seed, max_heldout)
     head = HeadConfig(problem, num_labels=len(names) if names else 1, pooling=pooling, **dict(head_options or {}))
     out = Path(out)
-    spec = _spec_dict(head, names, task, init, text_column, label_column, llrd, max_train)
+    spec = _spec_dict(head, names, task, init, text_column, label_column, llrd, max_train, freeze_layers)
     model, tok, what = build_task_model(init, head, framework, seed, max_len=max_len)
     if prepare_model is not None: model = prepare_model(model, spec)
     ycol = lambda s: label_array(splits[s]["label"], problem)
@@ -328,7 +346,7 @@ def finetune(init: str | Path,                 # preset name or model folder (se
     out.mkdir(parents=True, exist_ok=True)
     (out / FINETUNE_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     tok.save_pretrained(str(out / TOKENIZER_DIR))
-    backend = make_task_backend(cfg, model, llrd)
+    backend = make_task_backend(cfg, model, llrd, freeze_layers)
     monitor, mode = MONITORS[problem]
     if progress: print(f"finetune: {what}; {len(rows['train'])} training examples, {total} steps", file=sys.stderr)
     res = fit(backend, cfg, loader, val, out, resume=resume, progress=progress, evaluate_fn=evaluate_task,
@@ -340,7 +358,7 @@ def finetune(init: str | Path,                 # preset name or model folder (se
             (out / BEST_FILE).write_text(json.dumps({"step": best["step"], "monitor": monitor, "value": best[monitor]}) + "\n")
     return res
 
-# %% ../nbs/44_finetune.ipynb #61d997b9
+# %% ../nbs/44_finetune.ipynb #17462512
 @dataclass
 class LoadedRun:
     "A fine-tuned run ready to predict."
@@ -383,12 +401,12 @@ def load_run(run: str | Path, framework: str | None = None) -> LoadedRun:
     torch.manual_seed(0)
     model = MiniBERTForTask(cfg.model, spec["head"])            # its weights are replaced by the checkpoint's
     if cfg.train.framework == run_fw:
-        backend = make_task_backend(cfg, model if run_fw == "torch" else task_to_jax(model))
+        backend = make_task_backend(cfg, model if run_fw == "torch" else task_to_jax(model), spec.get("llrd"), spec.get("freeze_layers") or 0)
         backend.load(ckpt)
     elif run_fw == "torch":                                    # a torch run as JAX: load in torch, convert
-        src = make_task_backend(cfg.override({"train.framework": "torch"}), model)
+        src = make_task_backend(cfg.override({"train.framework": "torch"}), model, spec.get("llrd"), spec.get("freeze_layers") or 0)
         src.load(ckpt)
-        backend = make_task_backend(cfg, task_to_jax(src.model))
+        backend = make_task_backend(cfg, task_to_jax(src.model), spec.get("llrd"), spec.get("freeze_layers") or 0)
     else: raise ValueError(f"run {str(run)!r} was trained with JAX; allowed: framework='jax' (or None) to load it")
     tok = load_tokenizer(run / TOKENIZER_DIR)
     return LoadedRun(run, spec, cfg, tok, backend, ckpt)
@@ -453,7 +471,7 @@ def predict_texts(run: str | Path | LoadedRun, texts: Sequence[str]) -> list[dic
         else: out.append({"text": t, "label": names[int(np.argmax(v))], "probabilities": {str(n): float(p) for n, p in zip(names, v)}})
     return out
 
-# %% ../nbs/44_finetune.ipynb #20696587
+# %% ../nbs/44_finetune.ipynb #0865e543
 def finetune_parser() -> argparse.ArgumentParser:
     "Options of `minibert-lab finetune`."
     p = argparse.ArgumentParser(prog="minibert-lab finetune", description="Fine-tune an encoder with a task head.")
@@ -475,6 +493,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None, help="evaluations without improvement before stopping")
     p.add_argument("--evals-per-epoch", type=int, default=2)
     p.add_argument("--max-train", type=int, default=None, help="subsample the training split")
+    p.add_argument("--max-heldout", type=int, default=None, help="subsample the validation split")
+    p.add_argument("--freeze-layers", type=int, default=0, help="freeze the embeddings and this many lowest layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -487,7 +507,7 @@ def cli_finetune(argv: Sequence[str], prepare_model: Callable | None = None) -> 
                    text_column=a.text_column, label_column=a.label_column, kind=a.head, pooling=a.pooling,
                    framework=a.framework, epochs=a.epochs, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                    max_len=a.max_len, llrd=a.llrd, patience=a.patience, evals_per_epoch=a.evals_per_epoch,
-                   max_train=a.max_train, seed=a.seed, resume=a.resume, progress=not a.no_progress,
+                   max_train=a.max_train, max_heldout=a.max_heldout, freeze_layers=a.freeze_layers, seed=a.seed, resume=a.resume, progress=not a.no_progress,
                    prepare_model=prepare_model)
     ev = res.final_eval or {}
     print(json.dumps({"out": str(res.out), "step": res.step, "stopped": res.stopped, **{k: ev[k] for k in ev if k != "step"}}))
