@@ -21,10 +21,9 @@ from .pretrain import TOKENIZER_DIR, read_experiment_config, resolve_model_path
 
 # %% auto #0
 __all__ = ['FINETUNE_FILE', 'BEST_FILE', 'FINETUNE_KINDS', 'MONITORS', 'PAD_MULTIPLE', 'task_splits', 'encode_examples',
-           'pad_batch', 'label_array', 'TaskLoader', 'fixed_task_batches', 'build_task_model', 'task_to_jax',
-           'make_task_backend', 'predict_logits', 'evaluate_task', 'frozen_scale', 'read_spec', 'finetune', 'LoadedRun',
-           'load_run', 'evaluate_run', 'predict_texts', 'finetune_parser', 'cli_finetune', 'cli_evaluate',
-           'cli_predict']
+           'pad_batch', 'label_array', 'TaskLoader', 'fixed_task_batches', 'build_task_model', 'make_task_backend',
+           'predict_logits', 'evaluate_task', 'frozen_scale', 'read_spec', 'finetune', 'LoadedRun', 'load_run',
+           'evaluate_run', 'predict_texts', 'finetune_parser', 'cli_finetune', 'cli_evaluate', 'cli_predict']
 
 # %% ../nbs/44_finetune.ipynb #55130825
 FINETUNE_FILE = "finetune.json"   # a run folder's task spec: head, label names, task, columns, init
@@ -118,7 +117,11 @@ def fixed_task_batches(rows, labels, batch_size: int, pad_id: int) -> list[dict]
     return [pad_batch(rows[i:i + batch_size], pad_id, None if labels is None else labels[i:i + batch_size])
             for i in range(0, len(rows), batch_size)]
 
-# %% ../nbs/44_finetune.ipynb #43c5f41b
+# %% ../nbs/44_finetune.ipynb #45b92e6e
+def _jax_rngs(seed: int):
+    from flax import nnx
+    return nnx.Rngs(params=seed, dropout=seed + 1)
+
 def _encoder_of(model):
     "The `MiniBERT` inside a loaded model (an MLM model's `bert`, a task model's `encoder`, or the model itself)."
     for a in ("bert", "encoder"):
@@ -167,23 +170,10 @@ def build_task_model(init: str | Path,          # a preset name, or a folder `pr
             model.encoder.load_state_dict(_encoder_of(found_model).state_dict())
         what = f"{what}; head: {head.kind} ({head.num_labels} labels, {head.pooling} pooling)"
     model.train()
-    if framework == "jax": model = task_to_jax(model)
+    if framework == "jax":
+        from minibert_lab.convert import torch_to_jax
+        model = torch_to_jax(model, rngs=_jax_rngs(seed))
     return model, tok, what
-
-def task_to_jax(model):
-    "The JAX `MiniBERTForTask` with the weights of a torch one (train mode)."
-    from flax import nnx
-    from minibert_lab.convert import torch_to_jax
-    from minibert_lab.jax.heads import MiniBERTForTask as JaxTask
-    enc = torch_to_jax(model.encoder.eval())
-    out = JaxTask(model.encoder.cfg, model.head.cfg, rngs=nnx.Rngs(params=0, dropout=1))
-    nnx.update(out.encoder, nnx.state(enc))
-    w = model.head.out.weight.detach().numpy()
-    out.head.out.kernel[...] = w.T                                                # torch [out, in] -> NNX [in, out]
-    if model.head.out.bias is not None: out.head.out.bias[...] = model.head.out.bias.detach().numpy()
-    if model.head.cfg.kind == "ordinal": out.head.coral_bias[...] = model.head.coral_bias.detach().numpy()
-    out.train()
-    return out
 
 # %% ../nbs/44_finetune.ipynb #59cf0bdb
 def _eval_counts(head: HeadConfig, z: np.ndarray, labels) -> tuple[float, int, int]:
@@ -358,7 +348,7 @@ def finetune(init: str | Path,                 # preset name or model folder (se
             (out / BEST_FILE).write_text(json.dumps({"step": best["step"], "monitor": monitor, "value": best[monitor]}) + "\n")
     return res
 
-# %% ../nbs/44_finetune.ipynb #17462512
+# %% ../nbs/44_finetune.ipynb #02d1fb22
 @dataclass
 class LoadedRun:
     "A fine-tuned run ready to predict."
@@ -397,17 +387,17 @@ def load_run(run: str | Path, framework: str | None = None) -> LoadedRun:
     if ckpt is None: raise ValueError(f"run={str(run)!r} has no intact checkpoint; allowed: a run that saved one")
     run_fw = read_experiment_config(ckpt / CONFIG_FILE).train.framework
     import torch
+    from minibert_lab.convert import jax_to_torch, torch_to_jax
     from minibert_lab.torch.heads import MiniBERTForTask
     torch.manual_seed(0)
     model = MiniBERTForTask(cfg.model, spec["head"])            # its weights are replaced by the checkpoint's
-    if cfg.train.framework == run_fw:
-        backend = make_task_backend(cfg, model if run_fw == "torch" else task_to_jax(model), spec.get("llrd"), spec.get("freeze_layers") or 0)
-        backend.load(ckpt)
-    elif run_fw == "torch":                                    # a torch run as JAX: load in torch, convert
-        src = make_task_backend(cfg.override({"train.framework": "torch"}), model, spec.get("llrd"), spec.get("freeze_layers") or 0)
-        src.load(ckpt)
-        backend = make_task_backend(cfg, task_to_jax(src.model), spec.get("llrd"), spec.get("freeze_layers") or 0)
-    else: raise ValueError(f"run {str(run)!r} was trained with JAX; allowed: framework='jax' (or None) to load it")
+    extra = (spec.get("llrd"), spec.get("freeze_layers") or 0)
+    src = make_task_backend(cfg.override({"train.framework": run_fw}), model if run_fw == "torch" else torch_to_jax(model), *extra)
+    src.load(ckpt)
+    if cfg.train.framework == run_fw: backend = src
+    else:                                                      # the other framework: convert the loaded weights
+        m = src.model if run_fw == "torch" else src.model(train=True)
+        backend = make_task_backend(cfg, torch_to_jax(m) if run_fw == "torch" else jax_to_torch(m), *extra)
     tok = load_tokenizer(run / TOKENIZER_DIR)
     return LoadedRun(run, spec, cfg, tok, backend, ckpt)
 
