@@ -348,7 +348,7 @@ def finetune(init: str | Path,                 # preset name or model folder (se
             (out / BEST_FILE).write_text(json.dumps({"step": best["step"], "monitor": monitor, "value": best[monitor]}) + "\n")
     return res
 
-# %% ../nbs/44_finetune.ipynb #02d1fb22
+# %% ../nbs/44_finetune.ipynb #01719dc8
 @dataclass
 class LoadedRun:
     "A fine-tuned run ready to predict."
@@ -444,7 +444,7 @@ def evaluate_run(run: str | Path,              # a fine-tuning run folder
     point = task_metrics(kind, y, s)
     metrics = {}
     for name in point:
-        v, lo, hi = bootstrap_ci(lambda a, b, name=name: task_metrics(kind, a, b)[name], y, s, n=n_bootstrap)
+        v, lo, hi = bootstrap_ci(lambda a, b, name=name: task_metrics(kind, a, b).get(name, math.nan), y, s, n=n_bootstrap)
         metrics[name] = {"value": v, "low": lo, "high": hi}
     return {"run": str(run), "data": where, "n": int(len(y)), "head": kind, "checkpoint": lr.checkpoint.name, "metrics": metrics}
 

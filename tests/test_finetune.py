@@ -100,3 +100,46 @@ def test_bad_options_are_refused_before_work(files, tmp_path, capsys):
     assert "task='imdb'" in error_of(["finetune", "--init", "tiny", "--task", "imdb", "--out", str(tmp_path / "r")], capsys)
     assert "neither a preset nor a folder" in error_of(base + ["--init", "nowhere"], capsys)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_resume_repeats_the_uninterrupted_run(files, tmp_path):
+    "4 steps in one go == 2 steps, then --resume to 4 (same losses, same evaluation)."
+    from minibert_lab.finetune import finetune
+    from minibert_lab.train import read_metrics
+    d, train, val = files
+    kw = dict(train=str(train), validation=str(val), batch_size=4, lr=1e-3, max_len=16, evals_per_epoch=1, progress=False)
+    a = finetune("tiny", tmp_path / "a", steps=4, **kw)
+    finetune("tiny", tmp_path / "b", steps=2, **kw)
+    b = finetune("tiny", tmp_path / "b", steps=4, resume=True, **kw)
+    la = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert la == lb and a.final_eval["val_loss"] == b.final_eval["val_loss"]
+
+
+@pytest.mark.slow
+def test_jax_finetune_with_llrd_matches_its_torch_view(files, tmp_path, capsys):
+    "A JAX run with layer-wise LR decay trains, and its checkpoint gives the same logits loaded in JAX and as torch."
+    from minibert_lab.finetune import load_run
+    d, train, val = files
+    out = tmp_path / "j"
+    assert main(["finetune", "--init", "tiny", "--train", str(train), "--validation", str(val), "--out", str(out),
+                 "--framework", "jax", "--llrd", "0.7", "--steps", "3", "--batch-size", "4", "--lr", "1e-3",
+                 "--max-len", "16", "--no-progress"]) == 0
+    texts = ["a good film", "awful acting and a weak cast"]
+    zj, zt = load_run(out).logits(texts), load_run(out, "torch").logits(texts)
+    np.testing.assert_allclose(zj, zt, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_layer_wise_decay_scales_each_update(tmp_path):
+    "With llrd ξ and plain SGD-like first steps, a layer's AdamW update shrinks by its multiplier (torch groups)."
+    from minibert_lab.config import ExperimentConfig
+    from minibert_lab.finetune import build_task_model, make_task_backend
+    from minibert_lab.heads import HeadConfig
+    from minibert_lab.train import layer_lr_scale
+    m, tok, _ = build_task_model("tiny", HeadConfig("multiclass", 3))
+    cfg = ExperimentConfig(model=m.cfg).override({"train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.0})
+    be = make_task_backend(cfg, m, llrd=0.5)
+    rates = {n: g["lr"] for g in be.opt.param_groups for n, p in m.named_parameters() if any(p is q for q in g["params"])}
+    for n, r in rates.items(): assert r == pytest.approx(layer_lr_scale(n, m.cfg.depth, 0.5) * 1e-3), n

@@ -15,15 +15,16 @@ from ..finetune import encode_examples, finetune, fixed_task_batches, label_arra
 from ..pretrain import resolve_model_path
 
 # %% auto #0
-__all__ = ['BENCH_TASKS', 'TASK_METHODS', 'PRIMARY', 'TASK_BENCH_DEFAULTS', 'mean_pooled', 'linear_probe', 'majority_scores',
-           'scored', 'bench_task', 'task_bench_file', 'run_task_bench', 'cli_bench_tasks']
+__all__ = ['BENCH_TASKS', 'TASK_METHODS', 'PRIMARY', 'TASK_BENCH_DEFAULTS', 'METHOD_NAMES', 'mean_pooled', 'linear_probe',
+           'majority_scores', 'scored', 'bench_task', 'task_bench_file', 'run_task_bench', 'cli_bench_tasks',
+           'read_task_results', 'points', 'task_table', 'gain']
 
-# %% ../../nbs/55_bench_tasks.ipynb #6c393d6d
+# %% ../../nbs/55_bench_tasks.ipynb #747c8fdf
 BENCH_TASKS = ("trec-6", "movie-binary", "sms-spam", "movie-regression", "tweets-3")
 TASK_METHODS = ("majority", "tfidf_lr", "frozen_lr", "finetuned")
 PRIMARY = {"binary": "accuracy", "multiclass": "accuracy", "regression": "pearson"}   # the table's metric per head kind
-TASK_BENCH_DEFAULTS = dict(max_train=1000, max_heldout=400, max_len=48, epochs=2.0, batch_size=32, lr=1e-4,
-                           freeze_layers=3, patience=None, evals_per_epoch=1, seed=0, n_bootstrap=1000)
+TASK_BENCH_DEFAULTS = dict(max_train=400, max_heldout=250, max_len=32, epochs=3.0, batch_size=16, lr=2e-4,
+                           freeze_layers=4, patience=None, evals_per_epoch=1, seed=0, n_bootstrap=1000)
 
 def mean_pooled(model, tokenizer, texts: Sequence[str], max_len: int, batch_size: int = 64) -> np.ndarray:
     "Mean-pooled last hidden states [N, dim] of a torch encoder (`MiniBERT` or a model holding one) over `texts`."
@@ -63,7 +64,7 @@ def scored(kind: str, y, s, n_bootstrap: int, seed: int = 0) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # constant predictions: Pearson/Spearman undefined (None below)
         for name in task_metrics(kind, y, s):
-            try: v, lo, hi = bootstrap_ci(lambda a, b, name=name: task_metrics(kind, a, b)[name], y, s, n=n_bootstrap, seed=seed)
+            try: v, lo, hi = bootstrap_ci(lambda a, b, name=name: task_metrics(kind, a, b).get(name, math.nan), y, s, n=n_bootstrap, seed=seed)
             except ValueError: v, lo, hi = task_metrics(kind, y, s)[name], None, None
             out[name] = {"value": _finite(v), "low": _finite(lo), "high": _finite(hi)}
     return out
@@ -136,3 +137,35 @@ def cli_bench_tasks(argv: Sequence[str]) -> int:
         if t not in BENCH_TASKS: raise ValueError(f"--task {t!r}; allowed: {', '.join(BENCH_TASKS)}")
     for f in run_task_bench(init, out, tasks, **a): print(f)
     return 0
+
+# %% ../../nbs/55_bench_tasks.ipynb #ac3e3b84
+METHOD_NAMES = {"majority": "majority", "tfidf_lr": "TF-IDF + LR", "frozen_lr": "frozen MiniLM + LR", "finetuned": "fine-tuned MiniLM"}
+
+def read_task_results(folder: str | Path, tasks: Sequence[str] = BENCH_TASKS) -> dict[str, dict]:
+    "The `tasks-NAME.json` results under `folder` that exist, by task."
+    out = {}
+    for t in tasks:
+        f = task_bench_file(folder, t)
+        if f.is_file(): out[t] = json.loads(f.read_text())
+    return out
+
+def points(m: dict | None) -> str:
+    "A metric with its interval in points: `83.1 [80.2, 86.0]` (— when undefined)."
+    if not m or m.get("value") is None: return "—"
+    if m.get("low") is None: return f"{100 * m['value']:.1f}"
+    return f"{100 * m['value']:.1f} [{100 * m['low']:.1f}, {100 * m['high']:.1f}]"
+
+def task_table(results: dict[str, dict]):
+    "The results table: one row per task, the primary metric of each method with its 95% interval, in points."
+    import pandas as pd
+    rows = []
+    for t, r in results.items():
+        p = r["primary"]
+        rows.append({"task": t, "metric": p, "train": r["sizes"]["train"], "test": r["sizes"]["test"],
+                     **{METHOD_NAMES[m]: points(r["methods"][m].get(p)) for m in TASK_METHODS}})
+    return pd.DataFrame(rows).set_index("task")
+
+def gain(r: dict, a: str = "finetuned", b: str = "frozen_lr") -> float:
+    "Points by which method `a` beats method `b` on the task's primary metric."
+    p = r["primary"]
+    return 100 * (r["methods"][a][p]["value"] - r["methods"][b][p]["value"])
