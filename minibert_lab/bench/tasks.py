@@ -19,7 +19,7 @@ __all__ = ['BENCH_TASKS', 'TASK_METHODS', 'PRIMARY', 'TASK_BENCH_DEFAULTS', 'MET
            'majority_scores', 'primary_metric', 'scored', 'bench_task', 'task_bench_file', 'run_task_bench',
            'cli_bench_tasks', 'read_task_results', 'points', 'task_table', 'gain']
 
-# %% ../../nbs/55_bench_tasks.ipynb #91017749
+# %% ../../nbs/55_bench_tasks.ipynb #2dd72ce2
 BENCH_TASKS = ("trec-6", "movie-binary", "sms-spam", "movie-regression", "tweets-3")
 TASK_METHODS = ("majority", "tfidf_lr", "frozen_lr", "finetuned")
 PRIMARY = {"binary": "accuracy", "multiclass": "accuracy", "regression": "pearson"}   # the table's metric per head kind
@@ -41,12 +41,14 @@ def mean_pooled(model, tokenizer, texts: Sequence[str], max_len: int, batch_size
             out.append(pool(h, t["attention_mask"], "mean").numpy())
     return np.concatenate(out).astype(np.float64)
 
-def linear_probe(kind: str, Xtr, ytr, Xte, seed: int = 0) -> np.ndarray:
+def linear_probe(kind: str, Xtr, ytr, Xte, seed: int = 0, num_classes: int | None = None) -> np.ndarray:
     "Scores (`heads.scores` form) of logistic regression (classification) or ridge regression (regression) fit on (Xtr, ytr)."
     from sklearn.linear_model import LogisticRegression, Ridge
     if kind == "regression": return Ridge(alpha=1.0).fit(Xtr, ytr).predict(Xte)
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(Xtr, ytr)
-    p = clf.predict_proba(Xte)
+    C = max(2, int(np.max(ytr)) + 1) if num_classes is None else num_classes
+    p = np.zeros((Xte.shape[0], C))                       # [N, C]: a class missing from training gets probability 0
+    p[:, clf.classes_.astype(int)] = clf.predict_proba(Xte)
     return p[:, 1] if kind == "binary" else p
 
 def majority_scores(kind: str, ytr, n: int, num_classes: int) -> np.ndarray:
@@ -88,12 +90,13 @@ def bench_task(task: str, init: str | Path, work: str | Path, **options) -> dict
     from sklearn.feature_extraction.text import TfidfVectorizer
     t = time.perf_counter()
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
-    s = linear_probe(kind, vec.fit_transform(tr["text"]), ytr, vec.transform(te["text"]), o["seed"])
+    C = len(names) if names else None
+    s = linear_probe(kind, vec.fit_transform(tr["text"]), ytr, vec.transform(te["text"]), o["seed"], C)
     res["methods"]["tfidf_lr"] = scored(kind, yte, s, o["n_bootstrap"]); res["seconds"]["tfidf_lr"] = time.perf_counter() - t
     t = time.perf_counter()
     found = resolve_model_path(init, "torch")
     Xtr, Xte = (mean_pooled(found.model, found.tokenizer, d["text"], o["max_len"]) for d in (tr, te))
-    s = linear_probe(kind, Xtr, ytr, Xte, o["seed"])
+    s = linear_probe(kind, Xtr, ytr, Xte, o["seed"], C)
     res["methods"]["frozen_lr"] = scored(kind, yte, s, o["n_bootstrap"]); res["seconds"]["frozen_lr"] = time.perf_counter() - t
     t = time.perf_counter()
     run = Path(work) / task
@@ -143,7 +146,7 @@ def cli_bench_tasks(argv: Sequence[str]) -> int:
     for f in run_task_bench(init, out, tasks, **a): print(f)
     return 0
 
-# %% ../../nbs/55_bench_tasks.ipynb #ac3e3b84
+# %% ../../nbs/55_bench_tasks.ipynb #54296800
 METHOD_NAMES = {"majority": "majority", "tfidf_lr": "TF-IDF + LR", "frozen_lr": "frozen MiniLM + LR", "finetuned": "fine-tuned MiniLM"}
 
 def read_task_results(folder: str | Path, tasks: Sequence[str] = BENCH_TASKS) -> dict[str, dict]:
@@ -160,12 +163,17 @@ def points(m: dict | None) -> str:
     if m.get("low") is None: return f"{100 * m['value']:.1f}"
     return f"{100 * m['value']:.1f} [{100 * m['low']:.1f}, {100 * m['high']:.1f}]"
 
-def task_table(results: dict[str, dict]):
-    "The results table: one row per task, the primary metric of each method with its 95% interval, in points."
+def task_table(results: dict[str, dict], tasks: Sequence[str] = BENCH_TASKS):
+    "The results table: one row per task, the primary metric of each method with its 95% interval, in points ('not run': no results file)."
     import pandas as pd
+    from minibert_lab.tasks import TASKS
     rows = []
-    for t, r in results.items():
-        p = r["primary"]
+    for t in tasks:
+        if t not in results:
+            rows.append({"task": t, "metric": PRIMARY[TASKS[t].problem_type], "train": "not run", "test": "not run",
+                         **{METHOD_NAMES[m]: "not run" for m in TASK_METHODS}})
+            continue
+        r = results[t]; p = r["primary"]
         rows.append({"task": t, "metric": p, "train": r["sizes"]["train"], "test": r["sizes"]["test"],
                      **{METHOD_NAMES[m]: points(r["methods"][m].get(p)) for m in TASK_METHODS}})
     return pd.DataFrame(rows).set_index("task")
