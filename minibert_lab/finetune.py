@@ -25,7 +25,7 @@ __all__ = ['FINETUNE_FILE', 'BEST_FILE', 'FINETUNE_KINDS', 'MONITORS', 'PAD_MULT
            'predict_logits', 'evaluate_task', 'frozen_scale', 'read_spec', 'finetune', 'LoadedRun', 'load_run',
            'evaluate_run', 'predict_texts', 'finetune_parser', 'cli_finetune', 'cli_evaluate', 'cli_predict']
 
-# %% ../nbs/44_finetune.ipynb #55130825
+# %% ../nbs/44_finetune.ipynb #8750f7f4
 FINETUNE_FILE = "finetune.json"   # a run folder's task spec: head, label names, task, columns, init
 BEST_FILE = "best.json"           # a run folder's best checkpoint by the monitored validation metric
 FINETUNE_KINDS = PROBLEM_TYPES    # head kinds the labelled data readers provide (binary, multiclass, ordinal, regression)
@@ -98,6 +98,7 @@ class TaskLoader:
     def __len__(self): return -(-len(self.rows) // self.batch_size)
 
     def __iter__(self):
+        if self.position >= len(self): self.epoch, self.position = self.epoch + 1, 0    # saved at the end of an epoch
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
         while self.position < len(self):
             idx = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
@@ -247,7 +248,7 @@ def evaluate_task(backend, batches: Sequence[dict], step: int | None = None) -> 
     rec.update({f"val_{k}": v for k, v in task_metrics(head.kind, y, scores(head.kind, z)).items()})
     return rec if step is None else {"step": step, **rec}
 
-# %% ../nbs/44_finetune.ipynb #fb69524a
+# %% ../nbs/44_finetune.ipynb #fa1d07f7
 def _spec_dict(head: HeadConfig, names, task, init, text_column, label_column, llrd, max_train, freeze_layers) -> dict:
     return {"head": head.to_dict(), "label_names": names, "task": task, "init": str(init), "text_column": text_column,
             "label_column": label_column, "llrd": llrd, "max_train": max_train, "freeze_layers": freeze_layers}
@@ -319,14 +320,15 @@ def finetune(init: str | Path,                 # preset name or model folder (se
     val = fixed_task_batches(rows["validation"], ycol("validation"), batch_size, tok.pad_token_id)
     per_epoch = len(loader)
     total = steps if steps is not None else max(1, math.ceil(epochs * per_epoch))
-    every = max(1, min(total, per_epoch // max(evals_per_epoch, 1) or 1))
+    every = max(1, per_epoch // max(evals_per_epoch, 1))     # not from `total`: a resume may change train.steps
     mcfg = model.cfg if hasattr(model, "cfg") else model.encoder.cfg
     cfg = ExperimentConfig(model=mcfg, data=DataConfig(seq_len=min(max_len, mcfg.max_len), batch_size=batch_size, seed=seed, pack=False),
                            train=TrainConfig(framework=framework, steps=total, lr=lr, min_lr_ratio=0.0,
                                              warmup_steps=int(warmup_fraction * total), weight_decay=weight_decay,
                                              eval_every=every, eval_batches=len(val), save_every=every,
-                                             keep_checkpoints=(patience + 1) if patience else max(2, total // every + 1),
+                                             keep_checkpoints=(patience + 1) if patience else 3,
                                              log_every=max(1, min(50, every)), patience=patience, seed=seed))
+    # (warmup_steps follows `total`; a resume that changes the steps warns that the schedule follows the new total)
     if resume and (out / FINETUNE_FILE).is_file():
         saved = read_spec(out); saved["head"] = saved["head"].to_dict()
         if saved != spec: raise ValueError(f"resume: the task spec differs from {out / FINETUNE_FILE}; allowed: the same "
