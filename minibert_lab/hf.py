@@ -7,7 +7,7 @@ Docs: https://minibert-lab.github.io/minibert_lab/hf.html.md"""
 # %% ../nbs/23_hf.ipynb #d7ef076a
 from __future__ import annotations
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -19,14 +19,17 @@ from .config import read_json_object, saving_to
 from .kernels import get_kind
 from .torch.models import MiniBERT, MiniBERTForMaskedLM
 from .torch.causal import MiniGPTForCausalLM
+from .heads import HeadConfig
+from .torch.heads import MiniBERTForTask
 
 # %% auto #0
 __all__ = ['HF_ENCODER_NAMES', 'HF_HEAD_NAMES', 'HF_MLM_BIAS', 'HF_DECODER_BIAS', 'HF_ENCODER_PREFIX', 'HF_IGNORED',
-           'HF_ACTIVATIONS', 'HF_REQUIRED', 'HF_SIZES', 'LLAMA_NAMES', 'LLAMA_FFN', 'LLAMA_REQUIRED', 'hf_name_map',
-           'config_from_hf', 'config_to_hf', 'llama_config_from_hf', 'llama_config_to_hf', 'llama_from_state',
-           'llama_state', 'load_gguf', 'read_hf_config', 'from_hf', 'to_hf']
+           'HF_ACTIVATIONS', 'HF_REQUIRED', 'HF_SIZES', 'HF_CLASSIFIER_NAMES', 'HF_CLASSIFIER', 'HF_CLASSIFIER_KINDS',
+           'LLAMA_NAMES', 'LLAMA_FFN', 'LLAMA_REQUIRED', 'hf_name_map', 'config_from_hf', 'config_to_hf',
+           'llama_config_from_hf', 'llama_config_to_hf', 'llama_from_state', 'llama_state', 'load_gguf',
+           'read_hf_config', 'hf_head_config', 'hf_label_names', 'from_hf', 'to_hf']
 
-# %% ../nbs/23_hf.ipynb #aa9e1b9f
+# %% ../nbs/23_hf.ipynb #3c364858
 HF_ENCODER_NAMES = (  # (Hugging Face BertModel name, MiniBERT name)
     ("embeddings.word_embeddings.weight", "embeddings.tok.weight"),
     ("embeddings.position_embeddings.weight", "embeddings.pos.weight"),
@@ -73,16 +76,25 @@ HF_SIZES = (  # (tensor, its shape as config.json keys): checked before a model 
     ("encoder.layer.0.intermediate.dense.weight", ("intermediate_size", "hidden_size")),
 )
 
-def hf_name_map(model: MiniBERT | MiniBERTForMaskedLM, # the torch model whose tensors are renamed
+HF_CLASSIFIER_NAMES = (  # (Hugging Face BertForSequenceClassification name, MiniBERTForTask name)
+    ("classifier.weight", "head.out.weight"),
+    ("classifier.bias", "head.out.bias"),
+)
+HF_CLASSIFIER = "BertForSequenceClassification"
+HF_CLASSIFIER_KINDS = {"single_label_classification": "multiclass", "multi_label_classification": "multilabel",
+                       "regression": "regression"}   # Hugging Face problem_type -> head kind (pooling 'pooler')
+
+def hf_name_map(model: MiniBERT | MiniBERTForMaskedLM | MiniBERTForTask, # the torch model whose tensors are renamed
                ) -> dict[str, str]:
     "`{our state_dict name: Hugging Face name}` for every tensor of `model` (one checkpoint tensor per tied weight)."
-    mlm = isinstance(model, MiniBERTForMaskedLM)
+    mlm, task = isinstance(model, MiniBERTForMaskedLM), isinstance(model, MiniBERTForTask)
     cfg = model.cfg
-    pre_ours, pre_hf = ("bert.", HF_ENCODER_PREFIX) if mlm else ("", "")
+    pre_ours, pre_hf = ("bert.", HF_ENCODER_PREFIX) if mlm else ("encoder.", HF_ENCODER_PREFIX) if task else ("", "")
     pairs = [(h.format(i=i), o.format(i=i)) for h, o in HF_ENCODER_NAMES
              for i in (range(cfg.depth) if "{i}" in h else [None])]
     pairs = [(pre_hf + h, pre_ours + o) for h, o in pairs]
     if mlm: pairs += list(HF_HEAD_NAMES)
+    if task: pairs += list(HF_CLASSIFIER_NAMES)
     ours = dict(model.named_parameters())  # tied tensors appear once
     return {o: h for h, o in pairs if o in ours}
 
@@ -284,11 +296,30 @@ def _check_sizes(hf_cfg: dict, sd: dict, path: Path) -> None:
         raise ValueError(f"{str(path / 'config.json')!r} says num_hidden_layers={full['num_hidden_layers']}, but model.safetensors "
                          f"has layers {sorted(layers)[:3]}..{max(layers)}; allowed: a config.json that matches its weights")
 
+def hf_head_config(hf_cfg: dict, # a BertForSequenceClassification config.json
+                   num_labels: int, # rows of its classifier weight
+                   path: str | Path = ".", # the folder (named in errors)
+                  ) -> HeadConfig:
+    "The `HeadConfig` of a Hugging Face sequence classifier: its problem_type (or HF's default by `num_labels`), the pooler."
+    pt = hf_cfg.get("problem_type") or ("regression" if num_labels == 1 else "single_label_classification")
+    if pt not in HF_CLASSIFIER_KINDS:
+        raise ValueError(f"{str(Path(path) / 'config.json')!r} has problem_type={pt!r}; allowed: {', '.join(HF_CLASSIFIER_KINDS)}")
+    if pt != "regression" and num_labels < 2:
+        raise ValueError(f"{str(Path(path) / 'config.json')!r}: problem_type={pt!r} with {num_labels} label; allowed: 2 or more")
+    return HeadConfig(HF_CLASSIFIER_KINDS[pt], num_labels=num_labels, pooling="pooler")
+
+def hf_label_names(path: str | Path) -> list[str] | None:
+    "The class names (`id2label`, in id order) of a Hugging Face classifier folder; None without them."
+    d = read_hf_config(path).get("id2label")
+    if not isinstance(d, Mapping) or not d: return None
+    try: return [str(d[k]) for k in sorted(d, key=int)]
+    except (TypeError, ValueError): return None
+
 def from_hf(path: str | Path, # local Hugging Face folder (config.json + model.safetensors), or a folder with a GGUF file
             framework: str = "torch", # "torch" or "jax"
             gguf_file: str | None = None, # a Llama GGUF file in `path` (loaded and dequantised by transformers)
            ):
-    "Load a Hugging Face BERT folder as `MiniBERT`/`MiniBERTForMaskedLM`, or a Llama one as `MiniGPTForCausalLM` (eval mode)."
+    "Load a Hugging Face `BertModel`/`BertForMaskedLM`/`BertForSequenceClassification` folder as `MiniBERT`/`MiniBERTForMaskedLM`/`MiniBERTForTask`, or a Llama one as `MiniGPTForCausalLM` (eval mode)."
     if framework not in ("torch", "jax"): raise ValueError(f"framework={framework!r}; allowed: 'torch', 'jax'")
     path = Path(path)
     if gguf_file is not None:
@@ -304,11 +335,13 @@ def from_hf(path: str | Path, # local Hugging Face folder (config.json + model.s
     except ValueError as e: raise ValueError(f"{str(path / 'config.json')!r}: {e}") from e
     sd = _read_safetensors(path)
     mlm = any(k.startswith("cls.predictions.") for k in sd)
+    task = not mlm and HF_CLASSIFIER_NAMES[0][0] in sd
     if HF_DECODER_BIAS in sd: sd[HF_MLM_BIAS] = sd[HF_DECODER_BIAS]  # the bias HF's forward uses (untied heads keep two)
-    if not mlm: sd = {k.removeprefix(HF_ENCODER_PREFIX): v for k, v in sd.items()}  # BertModel saved from a wrapper
+    if not mlm and not task: sd = {k.removeprefix(HF_ENCODER_PREFIX): v for k, v in sd.items()}  # BertModel saved from a wrapper
     _check_sizes(hf_cfg, {k.removeprefix(HF_ENCODER_PREFIX): v for k, v in sd.items()}, path)
     cfg = config_from_hf(hf_cfg, pooler=any(k.removeprefix(HF_ENCODER_PREFIX).startswith("pooler.") for k in sd))
-    model = (MiniBERTForMaskedLM if mlm else MiniBERT)(cfg)
+    if task: model = MiniBERTForTask(cfg, hf_head_config(hf_cfg, sd[HF_CLASSIFIER_NAMES[0][0]].shape[0], path))
+    else: model = (MiniBERTForMaskedLM if mlm else MiniBERT)(cfg)
     names = hf_name_map(model)
     uncovered = sorted(set(dict(model.named_parameters())) - set(names))
     if uncovered: raise ValueError(f"no Hugging Face name for parameters {uncovered}; extend HF_ENCODER_NAMES/HF_HEAD_NAMES")
@@ -328,8 +361,21 @@ def from_hf(path: str | Path, # local Hugging Face folder (config.json + model.s
         return torch_to_jax(model)
     return model
 
-def to_hf(model, # a BERT-shaped `MiniBERT`/`MiniBERTForMaskedLM` (torch, or JAX: converted first)
+def _classifier_fields(head: HeadConfig, label_names) -> dict:
+    "config.json fields of a `BertForSequenceClassification` with head `head` (refused when HF has no such head)."
+    kinds = {v: k for k, v in HF_CLASSIFIER_KINDS.items()}
+    if head.kind not in kinds or head.pooling != "pooler":
+        raise ValueError(f"a {head.kind} head with pooling={head.pooling!r} has no Hugging Face counterpart; allowed: kind "
+                         f"{', '.join(kinds)} with pooling='pooler' (BertForSequenceClassification: linear on the pooler output)")
+    names = [f"LABEL_{i}" for i in range(head.num_labels)] if label_names is None else [str(n) for n in label_names]
+    if len(names) != head.num_labels:
+        raise ValueError(f"label_names has {len(names)} names; allowed: {head.num_labels} (the head's num_labels)")
+    return dict(num_labels=head.num_labels, problem_type=kinds[head.kind], id2label={str(i): n for i, n in enumerate(names)},
+                label2id={n: i for i, n in enumerate(names)})
+
+def to_hf(model, # a BERT-shaped `MiniBERT`/`MiniBERTForMaskedLM`/`MiniBERTForTask` (torch, or JAX: converted first)
           path: str | Path, # output folder (created)
+          label_names: Sequence[str] | None = None, # a classifier's class names (`id2label`)
          ) -> Path:
     "Write `model` as a Hugging Face folder (`config.json`, `model.safetensors`); `BertForMaskedLM` has no pooler."
     if not isinstance(model, torch.nn.Module):
@@ -342,10 +388,12 @@ def to_hf(model, # a BERT-shaped `MiniBERT`/`MiniBERTForMaskedLM` (torch, or JAX
             (path / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
             save_file(llama_state(model), path / "model.safetensors", metadata={"format": "pt"})
         return path
-    if not isinstance(model, (MiniBERT, MiniBERTForMaskedLM)):
-        raise ValueError(f"model is a {type(model).__name__}; allowed: MiniBERT, MiniBERTForMaskedLM or MiniGPTForCausalLM")
-    mlm = isinstance(model, MiniBERTForMaskedLM)
-    hf_cfg = config_to_hf(model.cfg, "BertForMaskedLM" if mlm else "BertModel")
+    if not isinstance(model, (MiniBERT, MiniBERTForMaskedLM, MiniBERTForTask)):
+        raise ValueError(f"model is a {type(model).__name__}; allowed: MiniBERT, MiniBERTForMaskedLM, MiniBERTForTask or MiniGPTForCausalLM")
+    mlm, task = isinstance(model, MiniBERTForMaskedLM), isinstance(model, MiniBERTForTask)
+    hf_cfg = config_to_hf(model.cfg, "BertForMaskedLM" if mlm else HF_CLASSIFIER if task else "BertModel")
+    if task: hf_cfg.update(_classifier_fields(model.head.cfg, label_names))
+    elif label_names is not None: raise ValueError("label_names are for a MiniBERTForTask; allowed: None for an encoder or MLM model")
     path = Path(path)
     sd = model.state_dict()
     tensors = {h: sd[o].detach().cpu().contiguous().clone() for o, h in hf_name_map(model).items()

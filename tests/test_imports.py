@@ -39,6 +39,7 @@ LAYERS = {
     "minibert_lab.jax.train": 9,
     "minibert_lab.pretrain": 10,          # the application: backend factory, pretrain, lab, MFU
     "minibert_lab.embeddings": 10,        # sentence embeddings: encode, sentence-transformers folders, contrastive losses and training
+    "minibert_lab.finetune": 10,          # the fine-tuning application: task backends, finetune, evaluate, predict
     "minibert_lab.bench.harness": 8,     # measurement library: timing, memory, FLOP models, the matmul peak (used by the application)
     "minibert_lab.bench": 11,
     "minibert_lab.cli": 12,               # wires the commands; nothing imports it
