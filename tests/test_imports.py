@@ -16,6 +16,7 @@ LAYERS = {
     "minibert_lab.config": 1,
     "minibert_lab.generation": 1,        # logits processors, token selection, beam bookkeeping (array API only)
     "minibert_lab.heads": 1,              # head kinds, losses (array API), metrics: config, numpy, sklearn, scipy only
+    "minibert_lab.adapters": 1,           # adapter configs/presets, target names, quantization schemes (config only)
     "minibert_lab.attention_spec": 2,
     "minibert_lab.viz": 2,                # plots only: it may use kernels and config, never models, data or train
     "minibert_lab.torch": 3,              # package __init__
@@ -26,6 +27,8 @@ LAYERS = {
     "minibert_lab.jax.models": 4,
     "minibert_lab.torch.heads": 4,        # task heads on the encoders
     "minibert_lab.jax.heads": 4,
+    "minibert_lab.torch.adapters": 4,     # peft adapters and torchao quantization on the torch models
+    "minibert_lab.jax.adapters": 4,       # nnx.LoRA adapters, group-wise quantized linears, torch <-> JAX adapter conversion
     "minibert_lab.convert": 5,
     "minibert_lab.hf": 6,
     "minibert_lab.data": 7,
