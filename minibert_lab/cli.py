@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "bench": ("minibert_lab.bench.cli", "cli_bench", "benchmark sweeps: tables (JSON, markdown) and plotly figures"),
     "viz": ("minibert_lab.cli", "cli_viz", "attention maps, kernel shapes and training curves as HTML"),
     "config": ("minibert_lab.cli", "cli_config", "print a preset's experiment config as JSON"),
+    "quantize": ("minibert_lab.quantize", "cli_quantize", "int8 / int4 weights of a trained model (torchao), with size, memory, speed and error"),
 }
 
 def _usage() -> str:
