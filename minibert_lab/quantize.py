@@ -22,7 +22,7 @@ from .torch import models as tm
 from .torch.adapters import quantize, state_bytes
 
 # %% auto #0
-__all__ = ['QUANTIZED_WEIGHTS', 'QUANTIZED_REPORT', 'quantize_model', 'load_quantized', 'cli_quantize']
+__all__ = ['QUANTIZED_WEIGHTS', 'QUANTIZED_REPORT', 'quantize_model', 'load_quantized', 'cli_quantize', 'finetune_preparer']
 
 # %% ../nbs/27c_quantize.ipynb #075b633d
 QUANTIZED_WEIGHTS, QUANTIZED_REPORT = "model.pt", "quantization.json"
@@ -96,3 +96,24 @@ def cli_quantize(argv: Sequence[str]) -> int:
           f"({r['size_ratio']:.2f}x); forward {1e3 * f['forward_s']:.2f} -> {1e3 * q['forward_s']:.2f} ms; peak "
           f"{f['peak_mib']:.1f} -> {q['peak_mib']:.1f} MiB; max |hidden diff| {r['max_abs_hidden_diff']:.2e}; wrote {r['out']}")
     return 0
+
+# %% ../nbs/27c_quantize.ipynb #030c84ee
+def finetune_preparer(lora: str | None = None, # an adapter preset or `r=..,targets=..` text (None: full fine-tuning)
+                      quantize_base: str | None = None, # quantize the encoder first (needs `lora`): one of QUANT_SCHEMES
+                      framework: str = "torch", # the run's framework
+                     ):
+    "The `prepare_model(model, spec)` hook that adds an adapter (and a quantized base) to a task model; None when neither is asked."
+    from minibert_lab.adapters import parse_adapter
+    if lora is None and quantize_base is None: return None
+    adapter = parse_adapter(lora) if lora is not None else None     # bad specs fail before any work
+    if quantize_base is not None:
+        quant_scheme(quantize_base)
+        if adapter is None: raise ValueError(f"quantize={quantize_base!r} without an adapter: a quantized base is frozen; allowed: "
+                                             "add --lora PRESET (QLoRA), or quantize the fine-tuned run with `minibert-lab quantize`")
+    if framework != "torch": raise ValueError(f"framework={framework!r} with --lora/--quantize; allowed: 'torch'")
+    from minibert_lab.torch.adapters import add_adapter
+    def prepare(model, spec: dict):
+        if quantize_base is not None: quantize(model, quantize_base)
+        spec["adapter"], spec["quantize"] = adapter.to_dict(), quantize_base
+        return add_adapter(model, adapter)
+    return prepare

@@ -26,7 +26,7 @@ from .harness import machine_info, torch_peak_memory
 # %% auto #0
 __all__ = ['ROWS', 'POST_QUANT', 'evaluate', 'train', 'run', 'merge_results', 'main']
 
-# %% ../../nbs/57_bench_adapters.ipynb #a038d0b3
+# %% ../../nbs/57_bench_adapters.ipynb #c7a5b6c4
 ROWS = {   # name -> (adapter spec or None, base quantization or None, learning rate)
     "full": (None, None, 1e-4),
     "lora-r8-qv": ("r=8,targets=q+v", None, 2e-3),
@@ -61,7 +61,7 @@ def evaluate(model, tok, data, batch_size: int = 64, max_len: int = 64) -> dict:
     acc, lo, hi = bootstrap_ci(lambda y, p: float((y == p).mean()), np.asarray(labels), torch.cat(preds).numpy())
     return dict(accuracy=acc, ci_low=lo, ci_high=hi, infer_batch_s=statistics.median(times), infer_peak_mib=peak / 2**20)
 
-def train(model, tok, data, lr: float, epochs: int, batch_size: int, max_len: int, seed: int) -> dict:
+def train(model, tok, data, lr: float, epochs: int, batch_size: int, max_len: int, seed: int, progress: bool = False) -> dict:
     "AdamW with linear warm-up (10%) and decay on the model's task loss; returns step times and the step's peak memory."
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -79,10 +79,11 @@ def train(model, tok, data, lr: float, epochs: int, batch_size: int, max_len: in
             if peak is None and len(b[3]) == batch_size:
                 peak = torch_peak_memory(lambda: losses.append(float(step(b)))); continue
             t0 = time.perf_counter(); losses.append(float(step(b))); times.append(time.perf_counter() - t0)
+            if progress and len(losses) % 10 == 0: print(f"step {len(losses)}/{steps} loss {np.mean(losses[-10:]):.3f}", flush=True)
     return dict(train_step_s=statistics.median(times), train_peak_mib=(peak or 0) / 2**20, steps=steps,
                 final_loss=float(np.mean(losses[-20:])))
 
-# %% ../../nbs/57_bench_adapters.ipynb #e4c6c007
+# %% ../../nbs/57_bench_adapters.ipynb #bc49349b
 def run(model_dir: str | Path, # the all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer)
         out: str | Path | None = None, # JSON file written (and rewritten after each row)
         epochs: int = 2, batch_size: int = 32, max_len: int = 64, train_limit: int | None = None, seed: int = 0,
@@ -117,7 +118,7 @@ def run(model_dir: str | Path, # the all-MiniLM-L6-v2 folder (config.json, model
         trainable, total = trainable_parameters(model)
         t0 = time.time()
         row = dict(trainable=trainable, total=total, trainable_pct=100 * trainable / total, lr=lr)
-        row |= train(model, tok, train_data, lr, epochs, batch_size, max_len, seed)
+        row |= train(model, tok, train_data, lr, epochs, batch_size, max_len, seed, progress=out is not None)
         row |= evaluate(model, tok, test_data, max_len=max_len) | dict(train_wall_s=time.time() - t0)
         row["disk_bytes"] = state_bytes(model)
         res["rows"][name] = row; save()
