@@ -14,11 +14,15 @@ from .config import preset_names
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'main', 'cli_config', 'load_model', 'cli_viz']
 
-# %% ../nbs/90_cli.ipynb #97e6c03f
+# %% ../nbs/90_cli.ipynb #c4a36ff5
 SUBCOMMANDS = {
     "lab": ("minibert_lab.pretrain", "cli_lab", "train a softmax and a SLAY model on the embedded corpus and compare them"),
     "pretrain": ("minibert_lab.pretrain", "cli_pretrain", "MLM pre-training run (torch or JAX), resumable"),
     "bench": ("minibert_lab.bench.cli", "cli_bench", "benchmark sweeps: tables (JSON, markdown) and plotly figures"),
+    "finetune": ("minibert_lab.finetune", "cli_finetune", "fine-tune an encoder with a task head (torch or JAX), resumable"),
+    "evaluate": ("minibert_lab.finetune", "cli_evaluate", "metrics of a fine-tuned run with 95% bootstrap intervals (JSON)"),
+    "predict": ("minibert_lab.finetune", "cli_predict", "labels and scores of a fine-tuned run for texts (JSON lines)"),
+    "bench-tasks": ("minibert_lab.bench.tasks", "cli_bench_tasks", "baselines vs fine-tuned MiniLM on the packaged tasks (JSON)"),
     "viz": ("minibert_lab.cli", "cli_viz", "attention maps, kernel shapes and training curves as HTML"),
     "config": ("minibert_lab.cli", "cli_config", "print a preset's experiment config as JSON"),
     "quantize": ("minibert_lab.quantize", "cli_quantize", "int8 / int4 weights of a trained model (torchao), with size, memory, speed and error"),

@@ -16,8 +16,9 @@ import numpy as np
 from .config import CHECKPOINT_FORMAT as FORMAT, CONFIG_NAME, WEIGHTS_NAME, ModelConfig, read_pretrained_files, saving_to
 
 # %% auto #0
-__all__ = ['ARCHITECTURES', 'FRAMEWORKS', 'architecture_of', 'torch_state_to_nnx', 'nnx_state_numpy', 'nnx_state_to_torch',
-           'torch_to_jax', 'jax_to_torch', 'save_pretrained', 'load_config', 'load_state', 'load_pretrained']
+__all__ = ['ARCHITECTURES', 'FRAMEWORKS', 'TASK_ARCHITECTURE', 'architecture_of', 'torch_state_to_nnx', 'nnx_state_numpy',
+           'nnx_state_to_torch', 'torch_to_jax', 'jax_to_torch', 'save_pretrained', 'load_config', 'load_state',
+           'load_pretrained']
 
 # %% ../nbs/22_convert.ipynb #ad6f32e6
 ARCHITECTURES = ("MiniBERTForMaskedLM", "MiniBERT")
@@ -91,17 +92,44 @@ def nnx_state_to_torch(state, # an NNX model, or its `nnx.State` (then `cfg` is 
         nnx.update(model, state)
     return {k: torch.from_numpy(v.copy()) for k, v in nnx_state_numpy(model).items()}
 
-# %% ../nbs/22_convert.ipynb #dd82e52c
+# %% ../nbs/22_convert.ipynb #8ea2f42d
 def _nnx_training(model) -> bool:
     from flax import nnx
     drops = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)]
     return bool(drops) and not drops[0].deterministic
 
-def torch_to_jax(torch_model, # a torch MiniBERTForMaskedLM or MiniBERT
+TASK_ARCHITECTURE = "MiniBERTForTask"   # an encoder with a task head (`heads`): converted as encoder + head
+
+def _task_torch_to_jax(m, rngs):
+    "A JAX `MiniBERTForTask` with the encoder (via `torch_to_jax`) and head weights of torch `m`."
+    from flax import nnx
+    from minibert_lab.jax.heads import MiniBERTForTask
+    out = MiniBERTForTask(m.encoder.cfg, m.head.cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+    nnx.update(out.encoder, nnx.state(torch_to_jax(m.encoder)))
+    out.head.out.kernel[...] = m.head.out.weight.detach().cpu().numpy().T        # torch [out, in] -> NNX [in, out]
+    if m.head.out.bias is not None: out.head.out.bias[...] = m.head.out.bias.detach().cpu().numpy()
+    if m.head.cfg.kind == "ordinal": out.head.coral_bias[...] = m.head.coral_bias.detach().cpu().numpy()
+    out.train() if m.training else out.eval()
+    return out
+
+def _task_jax_to_torch(m):
+    "A torch `MiniBERTForTask` with the encoder (via `jax_to_torch`) and head weights of JAX `m`."
+    import torch
+    from minibert_lab.torch.heads import MiniBERTForTask
+    out = MiniBERTForTask(m.encoder.cfg, m.head.cfg)
+    out.encoder.load_state_dict(jax_to_torch(m.encoder).state_dict(), strict=True)
+    with torch.no_grad():
+        out.head.out.weight.copy_(torch.from_numpy(np.asarray(m.head.out.kernel[...]).T.copy()))
+        if out.head.out.bias is not None: out.head.out.bias.copy_(torch.from_numpy(np.asarray(m.head.out.bias[...]).copy()))
+        if m.head.cfg.kind == "ordinal": out.head.coral_bias.copy_(torch.from_numpy(np.asarray(m.head.coral_bias[...]).copy()))
+    return out.train(_nnx_training(m))
+
+def torch_to_jax(torch_model, # a torch MiniBERTForMaskedLM, MiniBERT or MiniBERTForTask
                  *, rngs=None, # nnx.Rngs for dropout (default: nnx.Rngs(0))
                 ):
     "The Flax NNX model with the weights and random features of `torch_model`."
     from flax import nnx
+    if type(torch_model).__name__ == TASK_ARCHITECTURE and _is_torch(torch_model): return _task_torch_to_jax(torch_model, rngs)
     arch = architecture_of(torch_model)
     if not _is_torch(torch_model): raise ValueError(f"torch_model is a JAX model; allowed: a torch {arch}")
     cfg = torch_model.cfg
@@ -110,9 +138,10 @@ def torch_to_jax(torch_model, # a torch MiniBERTForMaskedLM or MiniBERT
     model.train() if torch_model.training else model.eval()
     return model
 
-def jax_to_torch(nnx_model, # a JAX MiniBERTForMaskedLM or MiniBERT
+def jax_to_torch(nnx_model, # a JAX MiniBERTForMaskedLM, MiniBERT or MiniBERTForTask
                 ):
     "The torch model with the weights and random features of `nnx_model`."
+    if type(nnx_model).__name__ == TASK_ARCHITECTURE and _is_nnx(nnx_model): return _task_jax_to_torch(nnx_model)
     arch = architecture_of(nnx_model)
     if not _is_nnx(nnx_model): raise ValueError(f"nnx_model is a torch model; allowed: a JAX {arch}")
     model = _torch_class(arch)(nnx_model.cfg)

@@ -340,7 +340,7 @@ def tune_thresholds(probs, # validation probabilities [N, C]
         out[c] = thr[int(np.argmax(f1))]
     return out
 
-# %% ../nbs/24_heads.ipynb #2d0a975e
+# %% ../nbs/24_heads.ipynb #1af7d76a
 def task_metrics(problem_type: str, # a problem_type or head kind
                  y_true, # labels (token: [B, L] with IGNORE_INDEX)
                  y_pred_or_scores, # probabilities or predictions (see `scores`)
@@ -369,7 +369,8 @@ def task_metrics(problem_type: str, # a problem_type or head kind
             out.update(macro_precision=M.precision_score(y, pred, average="macro", zero_division=0),
                        macro_recall=M.recall_score(y, pred, average="macro", zero_division=0))
             if s.ndim == 2 and len(np.unique(y)) == s.shape[1]:
-                out["roc_auc"] = M.roc_auc_score(y, s, multi_class="ovr", labels=np.arange(s.shape[1]))
+                out["roc_auc"] = M.roc_auc_score(y, s[:, 1]) if s.shape[1] == 2 else \
+                                 M.roc_auc_score(y, s, multi_class="ovr", labels=np.arange(s.shape[1]))   # sklearn: 2 classes are binary
     elif k == "multilabel":
         pred = (s >= np.asarray(thresholds)).astype(int) if s.dtype.kind == "f" else s
         out = dict(subset_accuracy=M.accuracy_score(y, pred), hamming_loss=M.hamming_loss(y, pred),

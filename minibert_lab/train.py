@@ -16,11 +16,11 @@ from .config import IGNORE_INDEX, ExperimentConfig, TrainConfig
 # %% auto #0
 __all__ = ['METRICS_FILE', 'CONFIG_FILE', 'CHECKPOINTS', 'MANIFEST', 'TRAINER_STATE', 'RESUMABLE_FIELDS', 'MAX_NAN_RESTORES',
            'DIVERGENCE_WINDOW', 'DIVERGENCE_FACTOR', 'DIVERGENCE_FLOOR', 'DIVERGENCE_STEPS', 'RANGE_TEST_SKIP_FRACTION',
-           'lr_at', 'make_schedule', 'range_schedule', 'decays', 'read_metrics', 'MetricsLog', 'checkpoint_path',
-           'checkpoint_step', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint',
-           'prune_checkpoints', 'config_diff', 'prepare_run', 'NonFiniteLossError', 'DivergenceError', 'EarlyStopping',
-           'DivergenceDetector', 'Backend', 'FitResult', 'evaluate', 'real_tokens', 'fit', 'lr_range_test',
-           'lr_range_figure']
+           'lr_at', 'make_schedule', 'range_schedule', 'decays', 'layer_lr_scale', 'read_metrics', 'MetricsLog',
+           'checkpoint_path', 'checkpoint_step', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints',
+           'latest_checkpoint', 'prune_checkpoints', 'config_diff', 'prepare_run', 'NonFiniteLossError',
+           'DivergenceError', 'EarlyStopping', 'DivergenceDetector', 'Backend', 'FitResult', 'evaluate', 'real_tokens',
+           'fit', 'lr_range_test', 'lr_range_figure']
 
 # %% ../nbs/40_train.ipynb #ea48f2d4
 def lr_at(step, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float, xp=None):
@@ -59,6 +59,21 @@ def decays(name: str,                  # dotted parameter name, e.g. `bert.layer
     if ndim < 2 or any("norm" in p for p in parts): return False
     if "embeddings" in parts or parts[-1] == "embedding": return decay_embeddings
     return True
+
+# %% ../nbs/40_train.ipynb #e3ecfb99
+def layer_lr_scale(name: str,    # dotted parameter name, e.g. `encoder.layers.3.ffn.up.weight`
+                   depth: int,   # number of encoder layers N
+                   decay: float, # the factor ξ in (0, 1] (1: every parameter at the full rate)
+                  ) -> float:
+    "Multiplier of the learning rate of parameter `name` under layer-wise LR decay `decay`."
+    if not (isinstance(decay, (int, float)) and 0 < decay <= 1):
+        raise ValueError(f"layer-wise LR decay={decay!r}; allowed: a number in (0, 1]")
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit(): return float(decay ** (depth - int(parts[i + 1])))
+    if "embeddings" in parts: return float(decay ** (depth + 1))
+    return 1.0
 
 # %% ../nbs/40_train.ipynb #874855cb
 METRICS_FILE = "metrics.jsonl"
@@ -292,7 +307,7 @@ def prepare_run(out: str | Path,        # run folder
         cfg.to_json(out / CONFIG_FILE)
     return ckpt
 
-# %% ../nbs/40_train.ipynb #ca0aedbd
+# %% ../nbs/40_train.ipynb #c8bf1d09
 MAX_NAN_RESTORES = 3
 DIVERGENCE_WINDOW = 50    # healthy training losses whose median is the reference
 DIVERGENCE_FACTOR = 3.0   # a loss above this multiple of the reference is far above it
@@ -307,14 +322,19 @@ class DivergenceError(NonFiniteLossError):
 
 @dataclass
 class EarlyStopping:
-    "Stop after `patience` evaluations without a new best validation loss."
+    "Stop after `patience` evaluations without a new best monitored value (lowest for mode 'min', highest for 'max')."
     patience: int | None = None   # None: never stop early
-    best: float = math.inf        # best validation loss so far
+    best: float | None = None     # best monitored value so far (None: none yet)
     bad: int = 0                  # evaluations since the best one
+    mode: str = "min"             # "min" (a loss) or "max" (accuracy, F1, ...)
 
-    def update(self, val_loss: float) -> bool:
+    def __post_init__(self):
+        if self.mode not in ("min", "max"): raise ValueError(f"EarlyStopping mode={self.mode!r}; allowed: 'min', 'max'")
+        if self.best is None: self.best = math.inf if self.mode == "min" else -math.inf
+
+    def update(self, value: float) -> bool:
         "Record one evaluation; True when the run should stop."
-        if val_loss < self.best: self.best, self.bad = float(val_loss), 0
+        if (value < self.best) if self.mode == "min" else (value > self.best): self.best, self.bad = float(value), 0
         else: self.bad += 1
         return self.patience is not None and self.bad >= self.patience
 
@@ -439,7 +459,7 @@ def _describe_bad(names: Sequence[str], total: int | None = None, shown: int = 3
     head = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
     return f"{len(names)}{'' if total is None else f' of {total}'} arrays ({head})"
 
-# %% ../nbs/40_train.ipynb #55887cb4
+# %% ../nbs/40_train.ipynb #5684ff4d
 def fit(backend: Backend,              # framework backend holding model and optimizer
         cfg: ExperimentConfig,         # the run's config (`cfg.train` drives the loop)
         train_loader,                  # iterable of batches with `state_dict()` / `load_state_dict()`
@@ -448,13 +468,17 @@ def fit(backend: Backend,              # framework backend holding model and opt
         resume: bool = False,          # continue from the newest intact checkpoint in `out`
         progress: bool = True,         # show a tqdm progress bar
         log_first: bool = True,        # also log step 1 (useful for curves)
+        evaluate_fn: Callable | None = None, # (backend, batches, step) -> record with `val_loss` (default: `evaluate`, MLM)
+        monitor: str = "val_loss",     # the record key early stopping watches
+        mode: str = "min",             # "min" or "max": which direction of `monitor` is better
        ) -> FitResult:
     "Train `backend` for `cfg.train.steps` optimizer steps with logging, evaluation, checkpoints, resume and a clean Ctrl-C."
     from tqdm.auto import tqdm
     tc, out = cfg.train, Path(out)
     rank = backend.rank                         # torch DDP/FSDP: only rank 0 writes files
     ckpt = prepare_run(out, cfg, resume=resume) if rank == 0 else (latest_checkpoint(out) if resume else None)
-    stopper, detector, step, elapsed = EarlyStopping(tc.patience), DivergenceDetector(), 0, 0.0
+    stopper, detector, step, elapsed = EarlyStopping(tc.patience, mode=mode), DivergenceDetector(), 0, 0.0
+    evaluate_fn = evaluate if evaluate_fn is None else evaluate_fn
     timing = {"tokens": 0, "s": 0.0, "first_tokens": 0, "first_s": 0.0}   # timed steps; first steps of processes
     val = list(validation)[: tc.eval_batches]
 
@@ -544,12 +568,14 @@ def fit(backend: Backend,              # framework backend holding model and opt
                 last = step == tc.steps
                 early = False
                 if step % tc.eval_every == 0 or last:
-                    ev = evaluate(backend, val, step)
+                    ev = evaluate_fn(backend, val, step)
                     if not math.isfinite(ev["val_loss"]):
                         went_bad(f"non-finite validation loss {ev['val_loss']}"); continue
                     final_eval = log.log(**ev, elapsed_s=elapsed)
                     history.append(final_eval)
-                    early = stopper.update(final_eval["val_loss"])
+                    if monitor not in final_eval:
+                        raise ValueError(f"monitor={monitor!r} is not in the evaluation record; allowed: {', '.join(final_eval)}")
+                    early = stopper.update(final_eval[monitor])
                 if step % tc.save_every == 0 or last or early:
                     if bad := bad_state():
                         went_bad(f"non-finite parameters or optimizer state in {_describe_bad(bad)}"); continue

@@ -36,8 +36,9 @@ LAYERS = {
     "minibert_lab.train": 8,              # the loop library
     "minibert_lab.torch.train": 9,        # its backends
     "minibert_lab.jax.train": 9,
-    "minibert_lab.pretrain": 10,
-    "minibert_lab.quantize": 10,          # the quantize application: resolve a trained model, torchao, report          # the application: backend factory, pretrain, lab, MFU
+    "minibert_lab.pretrain": 10,          # the application: backend factory, pretrain, lab, MFU
+    "minibert_lab.finetune": 10,          # the fine-tuning application: task backends, finetune, evaluate, predict
+    "minibert_lab.quantize": 10,          # quantize a trained model; finetune with adapters / a quantized base
     "minibert_lab.bench.harness": 8,     # measurement library: timing, memory, FLOP models, the matmul peak (used by the application)
     "minibert_lab.bench": 11,
     "minibert_lab.cli": 12,               # wires the commands; nothing imports it

@@ -19,7 +19,7 @@ from .models import MiniBERT
 # %% auto #0
 __all__ = ['TaskHead', 'TaskOutput', 'MiniBERTForTask']
 
-# %% ../../nbs/24b_heads.jax.ipynb #e37b3a48
+# %% ../../nbs/24b_heads.jax.ipynb #92cfd72d
 def _init(std: float):
     "Truncated normal (±INIT_TRUNCATION_STDS std) kernel initialiser."
     def init(key, shape, dtype=jnp.float32):
@@ -58,6 +58,7 @@ class MiniBERTForTask(nnx.Module):
     def __init__(self, cfg: ModelConfig, # the encoder's config
                  head: HeadConfig, # the head's config
                  *, rngs: nnx.Rngs):
+        self.cfg = cfg                  # the encoder's config (as on the other models)
         self.encoder = MiniBERT(cfg, rngs=rngs)
         self.head = TaskHead(cfg.dim, head, cfg.init_std, rngs=rngs)
 

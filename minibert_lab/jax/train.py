@@ -23,7 +23,7 @@ from ..train import decays, make_schedule
 __all__ = ['DATA_AXIS', 'MODEL_AXIS', 'STATE_DIR', 'LEAF_PATHS_FILE', 'MODEL_INPUTS', 'maybe_initialize_distributed', 'make_mesh',
            'decay_mask', 'make_optimizer', 'JaxBackend']
 
-# %% ../../nbs/42_train.jax.ipynb #60655900
+# %% ../../nbs/42_train.jax.ipynb #ce49203c
 DATA_AXIS, MODEL_AXIS = "data", "model"
 STATE_DIR = "state"
 LEAF_PATHS_FILE = "state_paths.json"
@@ -68,10 +68,16 @@ def decay_mask(params, decay_embeddings: bool = False):
 def make_optimizer(cfg, # `TrainConfig`
                    schedule: Callable, # step -> lr, traceable with jax.numpy
                    params, # parameter pytree (for the decay mask)
+                   lr_scale: Callable[[str], float] | None = None, # parameter name -> LR multiplier (None: all 1)
                   ) -> optax.GradientTransformation:
-    "optax chain: global-norm clipping (if set), then AdamW with the schedule and the decay mask."
+    "optax chain: global-norm clipping (if set), then AdamW with the schedule and the decay mask (then per-parameter LR multipliers)."
     adamw = optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                         mask=decay_mask(params, cfg.decay_embeddings))
+    if lr_scale is not None:   # AdamW's update (decay included) is -lr·(...): scaling it scales the parameter's rate
+        scales = jax.tree_util.tree_map_with_path(lambda p, x: float(lr_scale(_path_name(p))), params)
+        scale = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                             lambda u, st, p=None: (jax.tree.map(lambda a, c: a * c, u, scales), st))
+        adamw = optax.chain(adamw, scale)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip is not None else adamw
 
 def _fill(template, pure):
@@ -83,20 +89,23 @@ def _fill(template, pure):
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
-# %% ../../nbs/42_train.jax.ipynb #167558dc
+# %% ../../nbs/42_train.jax.ipynb #b463aa64
 class JaxBackend:
     "Flax NNX model + optax AdamW on a `data` × `model` mesh; one optimizer step per `train_step`."
     rank = 0   # `fit` runs the same in every JAX process (the SPMD program); orbax coordinates checkpoint writes
+    token_labels = True   # labels are MLM token ids (checked against the vocabulary); a task backend checks its own
     def __init__(self, cfg: ExperimentConfig,      # the run's config (model vocabulary matched to the tokenizer)
                  schedule: Callable | None = None, # step -> lr in jax.numpy (default: the run's schedule)
                  mesh: jax.sharding.Mesh | None = None, # default: all devices, `model` axis `cfg.train.mesh_model`
+                 model: nnx.Module | None = None, # the model to train (default: a fresh `MiniBERTForMaskedLM`)
+                 lr_scale: Callable[[str], float] | None = None, # parameter name -> LR multiplier (e.g. `train.layer_lr_scale`)
                 ):
         from minibert_lab.jax.models import MiniBERTForMaskedLM
         maybe_initialize_distributed()
         self.cfg, tc = cfg, cfg.train
         self.mesh = mesh if mesh is not None else make_mesh(tc.mesh_model)
         self.schedule = schedule or make_schedule(tc, xp=jnp)
-        model = MiniBERTForMaskedLM(cfg.model, rngs=nnx.Rngs(params=tc.seed, dropout=tc.seed + 1))
+        if model is None: model = MiniBERTForMaskedLM(cfg.model, rngs=nnx.Rngs(params=tc.seed, dropout=tc.seed + 1))
         model.eval(); self.gd_eval = nnx.graphdef(model)
         model.train(); self.gd_train, params, rest = nnx.split(model, nnx.Param, ...)
         self._params_tpl, self._rest_tpl = params, rest
@@ -106,11 +115,18 @@ class JaxBackend:
         # train state as pure dicts of arrays (NNX Variables are rebuilt inside each transform by `_fill`)
         self.params = jax.device_put(nnx.to_pure_dict(params), self.param_sharding)
         self.rest = jax.device_put(nnx.to_pure_dict(rest), NamedSharding(self.mesh, P()))
-        self.tx = make_optimizer(tc, self.schedule, self.params)
+        self.tx = make_optimizer(tc, self.schedule, self.params, lr_scale)
         self.opt_state = jax.jit(self.tx.init)(self.params)
         self.step, self._bf16 = 0, tc.precision == "bf16"
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
         self._build()
+
+    def model_loss(self, m, batch: dict, bound: int):
+        "(summed loss, predicted count) of the merged model `m` on a device batch (traced; `bound` is static)."
+        out = m(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids"),
+                segment_ids=batch.get("segment_ids"), num_predictions=bound, return_logits=False)
+        return out.loss_sum, out.num_predictions
 
     def _cast(self, params):
         if not self._bf16: return params
@@ -121,10 +137,8 @@ class JaxBackend:
 
         def loss_sum(params, rest, batch, bound):
             m = nnx.merge(gd_train, _fill(ptpl, self._cast(params)), _fill(rtpl, rest))
-            out = m(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                    token_type_ids=batch.get("token_type_ids"), position_ids=batch.get("position_ids"),
-                    segment_ids=batch.get("segment_ids"), num_predictions=bound, return_logits=False)
-            return out.loss_sum.astype(jnp.float32), (out.num_predictions, nnx.to_pure_dict(nnx.split(m, nnx.Param, ...)[2]))
+            ls, n = self.model_loss(m, batch, bound)
+            return ls.astype(jnp.float32), (n, nnx.to_pure_dict(nnx.split(m, nnx.Param, ...)[2]))
         grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
         def apply(params, opt_state, grads, total, n):
@@ -172,7 +186,7 @@ class JaxBackend:
         arrs = {k: np.asarray(batch[k]) for k in MODEL_INPUTS if k in batch and batch[k] is not None}
         if "input_ids" not in arrs:
             raise ValueError(f"batch has keys {sorted(batch)}; allowed: a batch with input_ids (and labels)")
-        validate_inputs(self.cfg.model, **arrs)   # on the host: inside jit a bad id gives NaN or wraps around
+        validate_inputs(self.cfg.model, **{k: a for k, a in arrs.items() if k != "labels" or self.token_labels})   # on the host: inside jit a bad id gives NaN or wraps around
         arrs = {k: (a.astype(np.int32) if a.dtype.kind in "iub" else a) for k, a in arrs.items()}
         if jax.process_count() > 1:          # every process holds the global batch; it contributes its block of rows
             pc, pi = jax.process_count(), jax.process_index()

@@ -18,7 +18,7 @@ from .models import MiniBERT, init_weights
 # %% auto #0
 __all__ = ['TaskHead', 'TaskOutput', 'MiniBERTForTask']
 
-# %% ../../nbs/24a_heads.torch.ipynb #11d56731
+# %% ../../nbs/24a_heads.torch.ipynb #f073fccf
 class TaskHead(nn.Module):
     "A linear head over pooled (or, for `token`, every) hidden state; CORAL for `ordinal`."
     def __init__(self, dim: int, # the encoder's hidden size
@@ -54,6 +54,7 @@ class MiniBERTForTask(nn.Module):
                  head: HeadConfig, # the head's config
                 ):
         super().__init__()
+        self.cfg = cfg                  # the encoder's config (as on the other models)
         self.encoder = MiniBERT(cfg)
         self.head = TaskHead(cfg.dim, head, cfg.init_std)
 

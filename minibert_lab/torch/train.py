@@ -58,30 +58,35 @@ def shard_rows(batch: dict, rank: int, world: int) -> dict:
     if b % world: raise ValueError(f"batch_size={b} is not divisible by the world size {world}; allowed: a multiple")
     return {k: (np.asarray(v)[rank::world] if v is not None else None) for k, v in batch.items()}
 
-# %% ../../nbs/41_train.torch.ipynb #51f309c4
+# %% ../../nbs/41_train.torch.ipynb #6ad85615
 class TorchBackend:
     "torch model + AdamW + schedule; one optimizer step per `train_step`, exact save/load."
     def __init__(self, cfg: ExperimentConfig,  # the run's config (model vocabulary matched to the tokenizer)
                  schedule: Callable | None = None, # step -> lr (default: the run's warmup-cosine schedule)
+                 model: torch.nn.Module | None = None, # the model to train (default: a fresh `MiniBERTForMaskedLM`)
+                 lr_scale: Callable[[str], float] | None = None, # parameter name -> LR multiplier (e.g. `train.layer_lr_scale`)
                 ):
         from minibert_lab.torch.models import MiniBERTForMaskedLM
         self.cfg, tc = cfg, cfg.train
         self.rank, self.world = init_distributed(tc.distributed)
         torch.manual_seed(tc.seed)
-        self.model = MiniBERTForMaskedLM(cfg.model)
+        self.model = MiniBERTForMaskedLM(cfg.model) if model is None else model
         self.wrapped = self.model
         if self.world > 1 and tc.distributed == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             self.wrapped = DistributedDataParallel(self.model)
         elif self.world > 1 and tc.distributed == "fsdp":
             from torch.distributed.fsdp import fully_shard
-            for layer in self.model.bert.layers: fully_shard(layer)
+            for layer in getattr(self.model, "bert", getattr(self.model, "encoder", None)).layers: fully_shard(layer)
             fully_shard(self.model)
-        groups = {True: [], False: []}
+        groups = {(True, 1.0): [], (False, 1.0): []}     # (decays, LR multiplier) -> parameters
         for name, p in self.model.named_parameters():
-            groups[decays(name, p.ndim, tc.decay_embeddings)].append(p)
-        self.opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": tc.weight_decay},
-                                      {"params": groups[False], "weight_decay": 0.0}],
+            if not p.requires_grad: continue
+            key = (decays(name, p.ndim, tc.decay_embeddings), 1.0 if lr_scale is None else float(lr_scale(name)))
+            groups.setdefault(key, []).append(p)
+        # a group's base rate is its multiplier: the schedule's factor times it is the group's rate
+        self.opt = torch.optim.AdamW([{"params": ps, "weight_decay": tc.weight_decay if d else 0.0, "lr": m}
+                                      for (d, m), ps in groups.items() if ps or m == 1.0],
                                      lr=1.0, betas=(tc.adam_b1, tc.adam_b2), eps=tc.adam_eps,
                                      fused=self.world == 1 or tc.distributed == "ddp")
         sched = schedule or make_schedule(tc)
@@ -106,7 +111,7 @@ class TorchBackend:
         "Accumulate into `.grad` the gradient of the mean loss over all predicted tokens of the micro-batches."
         self.model.train()
         parts = [shard_rows(b, self.rank, self.world) for b in micro_batches]
-        n_local = sum(int((np.asarray(b["labels"]) != IGNORE_INDEX).sum()) for b in parts)
+        n_local = sum(self.predicted(b) for b in parts)
         n = torch.tensor(float(n_local))
         if self.world > 1:
             import torch.distributed as dist
@@ -115,13 +120,21 @@ class TorchBackend:
         loss_sum = torch.zeros(())
         for i, b in enumerate(parts):
             with self._sync(i == len(parts) - 1), self._autocast():
-                out = self.forward(**to_torch(b), return_logits=False)
-            (out.loss_sum.float() * scale).backward()
-            loss_sum += out.loss_sum.detach().float()
+                ls = self.loss_sum(to_torch(b))
+            (ls.float() * scale).backward()
+            loss_sum += ls.detach().float()
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(loss_sum)
         return loss_sum / max(float(n), 1.0), float(n)
+
+    def predicted(self, batch: dict) -> int:
+        "What the loss is averaged over in `batch`: its predicted tokens (labels other than IGNORE_INDEX)."
+        return int((np.asarray(batch["labels"]) != IGNORE_INDEX).sum())
+
+    def loss_sum(self, t: dict) -> torch.Tensor:
+        "The summed loss of one batch of tensors (training mode, under autocast)."
+        return self.forward(**t, return_logits=False).loss_sum
 
     def train_step(self, micro_batches: Sequence[dict]) -> dict:
         "One optimizer step over micro-batches; the loss is the mean over all their predicted tokens."
@@ -131,7 +144,7 @@ class TorchBackend:
         max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(grad_norm, "full_tensor"): grad_norm = grad_norm.full_tensor()
-        lr = self.opt.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in self.opt.param_groups)         # the full rate (layer-wise decay scales others down)
         self.opt.step(); self.sched.step(); self.opt.zero_grad(set_to_none=True)
         return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": float(lr)}
 
