@@ -22,7 +22,8 @@ from .torch import models as tm
 from .torch.adapters import quantize, state_bytes
 
 # %% auto #0
-__all__ = ['QUANTIZED_WEIGHTS', 'QUANTIZED_REPORT', 'quantize_model', 'load_quantized', 'cli_quantize', 'finetune_preparer']
+__all__ = ['QUANTIZED_WEIGHTS', 'QUANTIZED_REPORT', 'quantize_model', 'load_quantized', 'cli_quantize', 'finetune_preparer',
+           'cli_finetune_adapters']
 
 # %% ../nbs/27c_quantize.ipynb #075b633d
 QUANTIZED_WEIGHTS, QUANTIZED_REPORT = "model.pt", "quantization.json"
@@ -117,3 +118,27 @@ def finetune_preparer(lora: str | None = None, # an adapter preset or `r=..,targ
         spec["adapter"], spec["quantize"] = adapter.to_dict(), quantize_base
         return add_adapter(model, adapter)
     return prepare
+
+# %% ../nbs/27c_quantize.ipynb #58703282
+def _adapter_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--lora", default=None, help="train an adapter instead of every weight: a preset "
+                   "(lora-r4, lora-r8, lora-r16, dora-r8, rslora-r16, lora-r8-all) or r=8,alpha=16,method=dora,targets=q+v,ranks=0:4+5:16")
+    p.add_argument("--quantize", default=None, help="quantize the frozen encoder first (QLoRA; needs --lora): "
+                   + ", ".join(QUANT_SCHEMES))
+    return p
+
+def cli_finetune_adapters(argv: Sequence[str]) -> int:
+    "`minibert-lab finetune ... [--lora SPEC] [--quantize int8|int4]`: the fine-tuning command with adapters and QLoRA."
+    from minibert_lab.finetune import cli_finetune, finetune_parser
+    p = finetune_parser()
+    for a in _adapter_flags()._actions: p._add_action(a)
+    args = p.parse_args(list(argv))                        # --help lists every option; bad options exit 2 here
+    mine, rest = _adapter_flags().parse_known_args(list(argv))
+    if mine.quantize is not None:
+        quant_scheme(mine.quantize)
+        raise ValueError(f"--quantize {mine.quantize}: a run's checkpoints are safetensors files, which cannot hold torchao's "
+                         "quantized tensors; allowed: --lora alone, QLoRA from Python (finetune(..., prepare_model="
+                         "finetune_preparer(lora, 'int4')) without checkpoints, or the bench of nbs/57), or `minibert-lab "
+                         "quantize RUN` after fine-tuning")
+    return cli_finetune(rest, prepare_model=finetune_preparer(mine.lora, mine.quantize, args.framework))
