@@ -83,7 +83,7 @@ def train(model, tok, data, lr: float, epochs: int, batch_size: int, max_len: in
     return dict(train_step_s=statistics.median(times), train_peak_mib=(peak or 0) / 2**20, steps=steps,
                 final_loss=float(np.mean(losses[-20:])))
 
-# %% ../../nbs/57_bench_adapters.ipynb #bc49349b
+# %% ../../nbs/57_bench_adapters.ipynb #26f7f5ae
 def run(model_dir: str | Path, # the all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer)
         out: str | Path | None = None, # JSON file written (and rewritten after each row)
         epochs: int = 2, batch_size: int = 32, max_len: int = 64, train_limit: int | None = None, seed: int = 0,
@@ -173,4 +173,5 @@ def main(argv=None) -> int:
     run(d, a.out, a.epochs, a.batch_size, a.max_len, a.train_limit, rows=tuple(a.rows.split(",")), threads=a.threads)
     return 0
 
+# %% ../../nbs/57_bench_adapters.ipynb #c457fb2d
 if __name__ == "__main__": raise SystemExit(main())
