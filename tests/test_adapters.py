@@ -18,6 +18,7 @@ def tiny_folder(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_cli_quantize_writes_a_loadable_model(tiny_folder, tmp_path, capsys):
     from minibert_lab.quantize import load_quantized
     out = tmp_path / "q8"
