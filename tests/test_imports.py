@@ -17,6 +17,7 @@ LAYERS = {
     "minibert_lab.generation": 1,        # logits processors, token selection, beam bookkeeping (array API only)
     "minibert_lab.causal": 1,             # causal-LM helpers: next-token labels, prompt checks, the generate driver (array API)
     "minibert_lab.heads": 1,              # head kinds, losses (array API), metrics: config, numpy, sklearn, scipy only
+    "minibert_lab.adapters": 1,           # adapter configs/presets, target names, quantization schemes (config only)
     "minibert_lab.attention_spec": 2,
     "minibert_lab.viz": 2,                # plots only: it may use kernels and config, never models, data or train
     "minibert_lab.torch": 3,              # package __init__
@@ -29,6 +30,8 @@ LAYERS = {
     "minibert_lab.jax.causal": 4,
     "minibert_lab.torch.heads": 4,        # task heads on the encoders
     "minibert_lab.jax.heads": 4,
+    "minibert_lab.torch.adapters": 4,     # peft adapters and torchao quantization on the torch models
+    "minibert_lab.jax.adapters": 4,       # nnx.LoRA adapters, group-wise quantized linears, torch <-> JAX adapter conversion
     "minibert_lab.convert": 5,
     "minibert_lab.hf": 6,
     "minibert_lab.data": 7,
@@ -40,6 +43,7 @@ LAYERS = {
     "minibert_lab.pretrain": 10,          # the application: backend factory, pretrain, lab, MFU
     "minibert_lab.embeddings": 10,        # sentence embeddings: encode, sentence-transformers folders, contrastive losses and training
     "minibert_lab.finetune": 10,          # the fine-tuning application: task backends, finetune, evaluate, predict
+    "minibert_lab.quantize": 10,          # quantize a trained model; finetune with adapters / a quantized base
     "minibert_lab.bench.harness": 8,     # measurement library: timing, memory, FLOP models, the matmul peak (used by the application)
     "minibert_lab.bench": 11,
     "minibert_lab.cli": 12,               # wires the commands; nothing imports it

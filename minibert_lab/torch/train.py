@@ -170,7 +170,8 @@ class TorchBackend:
             t = t.to_local() if hasattr(t, "to_local") else t          # FSDP2: this process's shard
             if t.is_floating_point(): names.append(name); flags.append(torch.isfinite(t).all())
         pname = {p: n for n, p in self.model.named_parameters()}
-        for n, p in self.model.named_parameters(): check(n, p.detach())
+        for n, p in self.model.named_parameters():                   # frozen weights (a quantized base) never change
+            if p.requires_grad: check(n, p.detach())
         for g in self.opt.param_groups:
             for p in g["params"]:
                 for k, v in self.opt.state.get(p, {}).items():
