@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "pretrain": ("minibert_lab.pretrain", "cli_pretrain", "MLM pre-training run (torch or JAX), resumable"),
     "generate": ("minibert_lab.pretrain", "cli_generate", "continue prompts with a causal LM (greedy, sampling, beam search)"),
     "bench": ("minibert_lab.bench.cli", "cli_bench", "benchmark sweeps: tables (JSON, markdown) and plotly figures"),
-    "finetune": ("minibert_lab.quantize", "cli_finetune_adapters", "fine-tune an encoder with a task head (torch or JAX), resumable; LoRA/DoRA/QLoRA with --lora/--quantize"),
+    "finetune": ("minibert_lab.finetune", "cli_finetune", "fine-tune an encoder with a task head (torch or JAX), resumable; LoRA/DoRA/QLoRA with --lora/--quantize"),
     "evaluate": ("minibert_lab.finetune", "cli_evaluate", "metrics of a fine-tuned run with 95% bootstrap intervals (JSON)"),
     "predict": ("minibert_lab.finetune", "cli_predict", "labels and scores of a fine-tuned run for texts (JSON lines)"),
     "bench-tasks": ("minibert_lab.bench.tasks", "cli_bench_tasks", "baselines vs fine-tuned MiniLM on the packaged tasks (JSON)"),

@@ -22,8 +22,7 @@ from .torch import models as tm
 from .torch.adapters import quantize, state_bytes
 
 # %% auto #0
-__all__ = ['QUANTIZED_WEIGHTS', 'QUANTIZED_REPORT', 'quantize_model', 'load_quantized', 'cli_quantize', 'finetune_preparer',
-           'cli_finetune_adapters']
+__all__ = ['QUANTIZED_WEIGHTS', 'QUANTIZED_REPORT', 'quantize_model', 'load_quantized', 'cli_quantize']
 
 # %% ../nbs/27c_quantize.ipynb #075b633d
 QUANTIZED_WEIGHTS, QUANTIZED_REPORT = "model.pt", "quantization.json"
@@ -97,48 +96,3 @@ def cli_quantize(argv: Sequence[str]) -> int:
           f"({r['size_ratio']:.2f}x); forward {1e3 * f['forward_s']:.2f} -> {1e3 * q['forward_s']:.2f} ms; peak "
           f"{f['peak_mib']:.1f} -> {q['peak_mib']:.1f} MiB; max |hidden diff| {r['max_abs_hidden_diff']:.2e}; wrote {r['out']}")
     return 0
-
-# %% ../nbs/27c_quantize.ipynb #030c84ee
-def finetune_preparer(lora: str | None = None, # an adapter preset or `r=..,targets=..` text (None: full fine-tuning)
-                      quantize_base: str | None = None, # quantize the encoder first (needs `lora`): one of QUANT_SCHEMES
-                      framework: str = "torch", # the run's framework
-                     ):
-    "The `prepare_model(model, spec)` hook that adds an adapter (and a quantized base) to a task model; None when neither is asked."
-    from minibert_lab.adapters import parse_adapter
-    if lora is None and quantize_base is None: return None
-    adapter = parse_adapter(lora) if lora is not None else None     # bad specs fail before any work
-    if quantize_base is not None:
-        quant_scheme(quantize_base)
-        if adapter is None: raise ValueError(f"quantize={quantize_base!r} without an adapter: a quantized base is frozen; allowed: "
-                                             "add --lora PRESET (QLoRA), or quantize the fine-tuned run with `minibert-lab quantize`")
-    if framework != "torch": raise ValueError(f"framework={framework!r} with --lora/--quantize; allowed: 'torch'")
-    from minibert_lab.torch.adapters import add_adapter
-    def prepare(model, spec: dict):
-        if quantize_base is not None: quantize(model, quantize_base)
-        spec["adapter"], spec["quantize"] = adapter.to_dict(), quantize_base
-        return add_adapter(model, adapter)
-    return prepare
-
-# %% ../nbs/27c_quantize.ipynb #58703282
-def _adapter_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--lora", default=None, help="train an adapter instead of every weight: a preset "
-                   "(lora-r4, lora-r8, lora-r16, dora-r8, rslora-r16, lora-r8-all) or r=8,alpha=16,method=dora,targets=q+v,ranks=0:4+5:16")
-    p.add_argument("--quantize", default=None, help="quantize the frozen encoder first (QLoRA; needs --lora): "
-                   + ", ".join(QUANT_SCHEMES))
-    return p
-
-def cli_finetune_adapters(argv: Sequence[str]) -> int:
-    "`minibert-lab finetune ... [--lora SPEC] [--quantize int8|int4]`: the fine-tuning command with adapters and QLoRA."
-    from minibert_lab.finetune import cli_finetune, finetune_parser
-    p = finetune_parser()
-    for a in _adapter_flags()._actions: p._add_action(a)
-    args = p.parse_args(list(argv))                        # --help lists every option; bad options exit 2 here
-    mine, rest = _adapter_flags().parse_known_args(list(argv))
-    if mine.quantize is not None:
-        quant_scheme(mine.quantize)
-        raise ValueError(f"--quantize {mine.quantize}: a run's checkpoints are safetensors files, which cannot hold torchao's "
-                         "quantized tensors; allowed: --lora alone, QLoRA from Python (finetune(..., prepare_model="
-                         "finetune_preparer(lora, 'int4')) without checkpoints, or the bench of nbs/57), or `minibert-lab "
-                         "quantize RUN` after fine-tuning")
-    return cli_finetune(rest, prepare_model=finetune_preparer(mine.lora, mine.quantize, args.framework))
