@@ -17,8 +17,8 @@ from .config import IGNORE_INDEX, ConfigBase, _check_choice, _check_int, _check_
 # %% auto #0
 __all__ = ['HEAD_KINDS', 'PROBLEM_TYPES', 'POOLINGS', 'REGRESSION_LOSSES', 'HeadKind', 'head_kind', 'HeadConfig', 'pool',
            'head_input', 'head_logits', 'check_labels', 'binary_loss', 'multiclass_loss', 'multilabel_loss',
-           'regression_loss', 'coral_levels', 'coral_loss', 'token_loss', 'task_loss', 'scores', 'fit_temperature',
-           'expected_calibration_error', 'tune_thresholds', 'task_metrics', 'bootstrap_ci']
+           'regression_loss', 'coral_levels', 'coral_loss', 'token_loss', 'task_loss', 'scores', 'predictions',
+           'fit_temperature', 'expected_calibration_error', 'tune_thresholds', 'task_metrics', 'bootstrap_ci']
 
 # %% ../nbs/24_heads.ipynb #72d21f4d
 class HeadKind(NamedTuple):
@@ -272,7 +272,7 @@ def task_loss(head: HeadConfig, # the head's config (kind and loss options)
     if k == "ordinal": return coral_loss(logits, labels)
     return token_loss(logits, labels, attention_mask, head.label_smoothing)
 
-# %% ../nbs/24_heads.ipynb #59c1378f
+# %% ../nbs/24_heads.ipynb #7be6483e
 def _sigmoid(z): return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
 
 def _softmax(z):
@@ -288,6 +288,15 @@ def scores(kind: str, # a head kind or problem_type
     if k in ("multiclass", "token"): return _softmax(z)
     if k == "ordinal": return (_sigmoid(z) > 0.5).sum(-1)
     return z
+
+def predictions(kind: str, # a head kind or problem_type
+                s, # `scores(kind, logits)`
+               ) -> np.ndarray:
+    "Hard predictions from `scores`: class indices, 0/1 labels (threshold 0.5), ordinal ranks, or the regression values."
+    k, s = head_kind(kind), np.asarray(s)
+    if k in ("binary", "multilabel"): return (s >= 0.5).astype(int)
+    if k in ("multiclass", "token"): return s.argmax(-1)
+    return s
 
 def _nll(z, y, T):
     "Mean NLL of logits `z` / `T` (binary [N] or multiclass [N, C]) against labels `y`."
