@@ -49,3 +49,10 @@ def test_bench_merge_refuses_other_settings(tmp_path):
     b.write_text(json.dumps(base | dict(settings=dict(epochs=2, threads=2, rows={"lora-r8-qv": {}}), rows={"lora-r8-qv": dict(accuracy=0.8)})))
     assert list(merge_results([b, a])["rows"]) == ["full", "lora-r8-qv"]
     with pytest.raises(ValueError, match="appear twice"): merge_results([a, a])
+
+
+def test_bench_adapters_select_lr():
+    from minibert_lab.bench.adapters import select_lr
+    assert select_lr({1e-3: 0.90, 2e-3: 0.92, 5e-3: 0.91}) == 2e-3   # the best validation accuracy
+    assert select_lr({5e-3: 0.92, 1e-3: 0.92}) == 1e-3                # a tie goes to the smaller rate
+    with pytest.raises(ValueError, match="sweep is empty"): select_lr({})

@@ -24,14 +24,16 @@ from ..torch.adapters import add_adapter, quantize, state_bytes, trainable_param
 from .harness import machine_info, torch_peak_memory
 
 # %% auto #0
-__all__ = ['ROWS', 'POST_QUANT', 'evaluate', 'train', 'run', 'merge_results', 'main']
+__all__ = ['FULL_LRS', 'ADAPTER_LRS', 'ROWS', 'POST_QUANT', 'select_lr', 'evaluate', 'train', 'run', 'merge_results', 'main']
 
-# %% ../../nbs/57_bench_adapters.ipynb #c7a5b6c4
-ROWS = {   # name -> (adapter spec or None, base quantization or None, learning rate)
-    "full": (None, None, 1e-4),
-    "lora-r8-qv": ("r=8,targets=q+v", None, 2e-3),
-    "dora-r8-qv": ("method=dora,r=8,targets=q+v", None, 2e-3),
-    "qlora-r8-qv-int4": ("r=8,targets=q+v", "int4", 2e-3),
+# %% ../../nbs/57_bench_adapters.ipynb #ee99e7cf
+FULL_LRS = (5e-5, 1e-4, 2e-4)        # learning rates tried for the full fine-tune
+ADAPTER_LRS = (1e-3, 2e-3, 5e-3)     # ... and for the adapters (fewer, freshly initialised weights take larger steps)
+ROWS = {   # name -> (adapter spec or None, base quantization or None, learning rates tried; the best on validation is kept)
+    "full": (None, None, FULL_LRS),
+    "lora-r8-qv": ("r=8,targets=q+v", None, ADAPTER_LRS),
+    "dora-r8-qv": ("method=dora,r=8,targets=q+v", None, ADAPTER_LRS),
+    "qlora-r8-qv-int4": ("r=8,targets=q+v", "int4", ADAPTER_LRS),
 }
 POST_QUANT = ("int8", "int8-dynamic", "int4")    # schemes applied to the fully fine-tuned model
 
@@ -46,6 +48,11 @@ def _task_model(encoder_state, cfg, head, seed):
     m = MiniBERTForTask(cfg, head)
     m.encoder.load_state_dict(encoder_state)
     return m
+
+def select_lr(sweep: dict) -> float:
+    "The learning rate with the best validation accuracy in `sweep` ({lr: accuracy}); ties go to the smaller rate."
+    if not sweep: raise ValueError("sweep is empty; allowed: {learning rate: validation accuracy} with one entry or more")
+    return min(sweep, key=lambda lr: (-sweep[lr], lr))
 
 @torch.no_grad()
 def evaluate(model, tok, data, batch_size: int = 64, max_len: int = 64) -> dict:
@@ -83,43 +90,57 @@ def train(model, tok, data, lr: float, epochs: int, batch_size: int, max_len: in
     return dict(train_step_s=statistics.median(times), train_peak_mib=(peak or 0) / 2**20, steps=steps,
                 final_loss=float(np.mean(losses[-20:])))
 
-# %% ../../nbs/57_bench_adapters.ipynb #26f7f5ae
+# %% ../../nbs/57_bench_adapters.ipynb #2e0d4f17
 def run(model_dir: str | Path, # the all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer)
         out: str | Path | None = None, # JSON file written (and rewritten after each row)
         epochs: int = 2, batch_size: int = 32, max_len: int = 64, train_limit: int | None = None, seed: int = 0,
         rows: tuple[str, ...] = tuple(ROWS), threads: int | None = None,
+        lrs: dict | None = None, # row -> learning rates to try instead of `ROWS`' (e.g. one rate for a quick run)
        ) -> dict:
-    "Train every row of `ROWS` on TREC-6, quantize the full fine-tune, and collect the table."
+    "Train every row of `ROWS` on TREC-6 at each of its learning rates, keep the best on validation, quantize the full fine-tune, and collect the table."
     from minibert_lab.pretrain import resolve_model_path
     if threads: torch.set_num_threads(threads)
     unknown = [r for r in rows if r not in ROWS]
     if unknown: raise ValueError(f"rows {unknown} are unknown; allowed: {', '.join(ROWS)}")
+    grid = {r: tuple(float(x) for x in (lrs or {}).get(r, ROWS[r][2])) for r in rows}
+    bad = {r: g for r, g in grid.items() if not g or min(g) <= 0}
+    if bad: raise ValueError(f"lrs={bad} is invalid; allowed: one or more learning rates > 0 per row")
     found = resolve_model_path(model_dir, "torch")
     enc, tok = found.model, found.tokenizer
     if tok is None: raise ValueError(f"model_dir {str(model_dir)!r} has no tokenizer; allowed: a Hugging Face folder with one")
     summary = task_summary("trec-6")
     head = HeadConfig("multiclass", num_labels=summary["classes"], pooling="mean")
-    train_data, test_data = load_task("trec-6", "train"), load_task("trec-6", "test")
+    train_data, val_data, test_data = (load_task("trec-6", s) for s in ("train", "validation", "test"))
     if train_limit: train_data = train_data.select(range(min(train_limit, len(train_data))))
     train_data = dict(text=list(train_data["text"]), label=list(train_data["label"]))
-    test_data = dict(text=list(test_data["text"]), label=list(test_data["label"]))
+    val_data, test_data = ({k: list(d[k]) for k in ("text", "label")} for d in (val_data, test_data))
     state = {k: v.clone() for k, v in enc.state_dict().items()}
     res = dict(task="trec-6", model=str(Path(model_dir).name), settings=dict(epochs=epochs, batch_size=batch_size,
-               max_len=max_len, train_examples=len(train_data["text"]), test_examples=len(test_data["text"]), seed=seed,
-               threads=torch.get_num_threads(), rows={r: dict(adapter=ROWS[r][0], base=ROWS[r][1], lr=ROWS[r][2]) for r in rows}),
+               max_len=max_len, train_examples=len(train_data["text"]), validation_examples=len(val_data["text"]),
+               test_examples=len(test_data["text"]), seed=seed, threads=torch.get_num_threads(),
+               rows={r: dict(adapter=ROWS[r][0], base=ROWS[r][1], lrs=list(grid[r])) for r in rows}),
                machine=machine_info(), rows={})
     def save():
         if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
     for name in rows:
-        spec, base_q, lr = ROWS[name]
-        model = _task_model(state, enc.cfg, head, seed)
-        if base_q: quantize(model, base_q)
-        if spec: model = add_adapter(model, spec)
+        spec, base_q, _ = ROWS[name]
+        sweep, best = {}, None
+        for lr in grid[name]:  # same seed, data order and schedule at every rate; only the rate differs
+            model = _task_model(state, enc.cfg, head, seed)
+            if base_q: quantize(model, base_q)
+            if spec: model = add_adapter(model, spec)
+            t0 = time.time()
+            stats = train(model, tok, train_data, lr, epochs, batch_size, max_len, seed, progress=out is not None)
+            stats["train_wall_s"] = time.time() - t0
+            sweep[lr] = evaluate(model, tok, val_data, max_len=max_len)["accuracy"]
+            print(f"{name} lr {lr:g}: validation accuracy {sweep[lr]:.4f}", flush=True)
+            if select_lr(sweep) == lr: best = (model, stats)
+        lr = select_lr(sweep)
+        model, stats = best
         trainable, total = trainable_parameters(model)
-        t0 = time.time()
-        row = dict(trainable=trainable, total=total, trainable_pct=100 * trainable / total, lr=lr)
-        row |= train(model, tok, train_data, lr, epochs, batch_size, max_len, seed, progress=out is not None)
-        row |= evaluate(model, tok, test_data, max_len=max_len) | dict(train_wall_s=time.time() - t0)
+        row = dict(trainable=trainable, total=total, trainable_pct=100 * trainable / total, lr=lr,
+                   val_accuracy=sweep[lr], lr_sweep={f"{k:g}": v for k, v in sweep.items()}) | stats
+        row |= evaluate(model, tok, test_data, max_len=max_len)
         row["disk_bytes"] = state_bytes(model)
         res["rows"][name] = row; save()
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
@@ -162,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=64); p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--rows", default=",".join(ROWS)); p.add_argument("--threads", type=int, default=None)
     p.add_argument("--merge", nargs="+", default=None, help="merge these result files into --out instead of running")
+    p.add_argument("--lrs", nargs="+", default=None, metavar="ROW=LR[/LR...]", help="learning rates to try for a row (default: ROWS')")
     a = p.parse_args(argv)
     if a.merge: merge_results(a.merge, a.out); return 0
     d = a.model_dir
@@ -170,7 +192,12 @@ def main(argv=None) -> int:
         found = [c.parent for c in root.rglob("config.json") if (c.parent / "model.safetensors").exists()]
         if not found: raise SystemExit(f"no all-MiniLM-L6-v2 folder under {root}; pass --model-dir (tests/test_hf.py fetches it)")
         d = found[0]
-    run(d, a.out, a.epochs, a.batch_size, a.max_len, a.train_limit, rows=tuple(a.rows.split(",")), threads=a.threads)
+    lrs = {}
+    for item in a.lrs or ():
+        row, _, vals = item.partition("=")
+        try: lrs[row] = tuple(float(v) for v in vals.split("/"))
+        except ValueError: p.error(f"--lrs {item!r} is invalid; allowed: ROW=LR[/LR...], e.g. full=1e-4/2e-4")
+    run(d, a.out, a.epochs, a.batch_size, a.max_len, a.train_limit, rows=tuple(a.rows.split(",")), threads=a.threads, lrs=lrs)
     return 0
 
 # %% ../../nbs/57_bench_adapters.ipynb #c457fb2d
