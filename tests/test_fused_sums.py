@@ -1,6 +1,9 @@
 """The fused sums of linear attention (Triton for torch, Pallas for JAX) against the plain path `linear_sums` and
 float64 in their interpreters on CPU (the notebooks check each mode once; the full grid with gradients is slow), the
 dispatch inside `attention_core`, and on a CUDA GPU (marked cuda; `tools/gpu_check.sh` runs them)."""
+import os, subprocess, sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from minibert_lab.kernels.chunks import SUM_MODES, chunked_sums_numpy, plain_lin
 from minibert_lab.torch import triton_linear as TL
 from minibert_lab.jax import pallas_linear as PL
 
+ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # float32 kernels vs float64 sums, relative to the largest entry
 
 
@@ -97,6 +101,53 @@ def test_fused_sums_grid(fused, L, mode, packed):
 def test_fused_sums_wide(fused):
     "Features and values wider than one block (F = 40, E = 70: several F and E blocks in both kernels)."
     _check(fused, 37, "bidirectional", True, grads=False, F=40, E=70)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TL.HAS_TRITON, reason="needs the `triton` package")
+def test_triton_compiles_for_hopper_without_gpu():
+    "The kernels compile to PTX for sm_90 (H100/H200) on a machine without a GPU (catches GPU-only compile errors)."
+    code = """
+import triton  # compiled, not interpreted: this process never sets TRITON_INTERPRET
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from minibert_lab.torch import triton_linear as TL
+TL.triton, TL.tl = triton, triton.language
+target = GPUTarget("cuda", 90, 32)
+ints = dict(L="i32", F="i32", E="i32", N="i32", H="i32")
+states = dict(fk="*fp32", v="*fp32", tail="*fp32", keep="*fp32", h="*fp32", **ints,
+              C="constexpr", BF="constexpr", BE="constexpr", REVERSE="constexpr", PREC="constexpr")
+outputs = dict(fq="*bf16", fk="*bf16", v="*bf16", seg="*i32", see_f="*fp32", see_r="*fp32", hf="*fp32", hr="*fp32",
+               out="*bf16", **ints, C="constexpr", BF="constexpr", BE="constexpr", MODE="constexpr", PREC="constexpr")
+for rev in (False, True):
+    k = triton.compile(ASTSource(triton.jit(TL._states_kernel), states,
+                                 constexprs=dict(C=64, BF=32, BE=32, REVERSE=rev, PREC="ieee")), target=target)
+    assert ".entry" in k.asm["ptx"]
+for mode in TL.MODE_CODE.values():
+    k = triton.compile(ASTSource(triton.jit(TL._output_kernel), outputs,
+                                 constexprs=dict(C=64, BF=64, BE=64, MODE=mode, PREC="ieee")), target=target)
+    assert ".entry" in k.asm["ptx"]
+print("compiled")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + sys.path)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", SUM_MODES)
+def test_pallas_lowers_for_cuda_without_gpu(mode):
+    "Forward and gradient lower through Pallas' Triton backend for CUDA on a machine without a GPU (jax.export)."
+    from jax import export
+    B, H, L, F, E = 2, 4, 1000, 160, 65
+    sds = ([jax.ShapeDtypeStruct((B, H, L, F), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((B, H, L, E), jnp.float32),
+           jax.ShapeDtypeStruct((B, L), jnp.int32)])
+    f = lambda a, b, c, s: (PL.pallas_linear_sums(a, b, c, s, mode, 64, interpret=False) * c).sum()
+    ok = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for fn in (f, jax.grad(f, argnums=(0, 1, 2))):
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=ok)(*sds)
+        assert "xla.gpu.triton" in exp.mlir_module()
 
 
 def test_attention_core_dispatch_jax(monkeypatch):
