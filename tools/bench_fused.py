@@ -87,12 +87,17 @@ def main():
     if a.quick: a.lengths, a.features, a.batch, a.heads, a.values, a.chunk, a.reps = "100", "8", 1, 2, 5, 16, 1
     interp = a.quick
     if interp: os.environ.setdefault("TRITON_INTERPRET", "1")
+    meta = dict(machine=platform.node(), quick=a.quick, load=os.getloadavg(), argv=sys.argv[1:])
+    try:
+        import torch
+        if torch.cuda.is_available(): meta["gpu"] = torch.cuda.get_device_name()
+    except Exception: pass
     rows = []
-    for fw in a.framework or ("torch", "jax"):
-        make = torch_pair if fw == "torch" else jax_pair
-        for F in map(int, a.features.split(",")):
-            for L in map(int, a.lengths.split(",")):
-                for mode, packed in CASES:
+    for F in map(int, a.features.split(",")):  # frameworks innermost: a run cut short still has both
+        for L in map(int, a.lengths.split(",")):
+            for mode, packed in CASES:
+                for fw in a.framework or ("torch", "jax"):
+                    make = torch_pair if fw == "torch" else jax_pair
                     row = dict(framework=fw, mode=mode, packed=packed, L=L, F=F, B=a.batch, H=a.heads, E=a.values)
                     try:
                         plain, fused = make(a.batch, a.heads, L, F, a.values, mode, packed, a.chunk, interp)
@@ -106,12 +111,13 @@ def main():
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=platform.node(), quick=a.quick, load=os.getloadavg(), argv=sys.argv[1:])
-    try:
-        import torch
-        if torch.cuda.is_available(): meta["gpu"] = torch.cuda.get_device_name()
-    except Exception: pass
+                    write(Path(a.out), meta, rows)
+    print(write(Path(a.out), meta, rows))
+
+
+def write(out: Path, meta: dict, rows: list) -> str:
+    "fused.json and the markdown table fused.md (rewritten after every row, so a run cut short keeps what it measured)."
+    out.mkdir(parents=True, exist_ok=True)
     (out / "fused.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = ["| framework | mode | packed | L | F | plain ms | fused ms | plain / fused |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -119,7 +125,7 @@ def main():
                else f"– | – | {r['error'][:60]}")
         lines.append(f"| {r['framework']} | {r['mode']} | {r['packed']} | {r['L']} | {r['F']} | {res} |")
     (out / "fused.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
