@@ -22,6 +22,8 @@ LAYERS = {
     "minibert_lab.viz": 2,                # plots only: it may use kernels and config, never models, data or train
     "minibert_lab.torch": 3,              # package __init__
     "minibert_lab.jax": 3,                # package __init__
+    "minibert_lab.torch.triton_linear": 3,  # fused Triton sums of linear attention (kernels only; registered in kernels.core)
+    "minibert_lab.jax.pallas_linear": 3,    # fused Pallas sums of linear attention
     "minibert_lab.torch.attention": 3,
     "minibert_lab.jax.attention": 3,
     "minibert_lab.torch.models": 4,

@@ -22,6 +22,7 @@ import flax.nnx.pytreelib as _nnx_pytreelib
 if not hasattr(_nnx_pytreelib, "Any"): _nnx_pytreelib.Any = typing.Any
 
 from .. import kernels
+from . import pallas_linear  # registers the Pallas sums of linear attention (GPU)
 from ..attention_spec import AttentionSpec, attention_spec, check_inputs
 
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # run the kernel core in fp32 for these

@@ -16,13 +16,14 @@ from array_api_compat import array_namespace
 
 # %% auto #0
 __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHUNK_SIZE', 'ROPE_THETA', 'DEFAULT_COS_MAX_LEN',
-           'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS', 'ATTENTION_TYPES', 'CACHE_MIN_BUCKET',
-           'positive_den_floor', 'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask', 'visibility_mask',
-           'is_concrete', 'validate_masks', 'Param', 'KernelSpec', 'register_kind', 'unregister_kind', 'get_kind',
-           'registered_kinds', 'kind_params', 'is_exact', 'target_kernel', 'resolve_params', 'small_params',
-           'feature_dim', 'kind_flops', 'max_position', 'FeatureContext', 'laguerre_nodes', 'nystrom_whitening',
-           'init_state', 'registry_table', 'chunked_prefix_sums', 'linear_sums', 'state_names', 'attention_core',
-           'DecodeContext', 'cache_bucket', 'kv_cache_step', 'recurrent_state_step', 'decode_attention', 'cache_nbytes']
+           'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS', 'ATTENTION_TYPES', 'FAST_LINEAR_SUMS',
+           'CACHE_MIN_BUCKET', 'positive_den_floor', 'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask',
+           'visibility_mask', 'is_concrete', 'validate_masks', 'Param', 'KernelSpec', 'register_kind',
+           'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params', 'is_exact', 'target_kernel',
+           'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position', 'FeatureContext',
+           'laguerre_nodes', 'nystrom_whitening', 'init_state', 'registry_table', 'chunked_prefix_sums', 'linear_sums',
+           'state_names', 'attention_core', 'DecodeContext', 'cache_bucket', 'kv_cache_step', 'recurrent_state_step',
+           'decode_attention', 'cache_nbytes']
 
 # %% ../../nbs/10_kernels.ipynb #00660781
 UNIT_NORM_EPS = 1e-12      # added to ‖x‖² before the square root when projecting onto the unit sphere (finite grad at 0)
@@ -916,6 +917,8 @@ def chunked_prefix_sums(fq, # φ(q) [B, H, L, F]
     out = xp.reshape(out, (B, H, N * C, E))[:, :, :L]  # [B, H, L, E]
     return (out, xp.reshape(r, (B, H, N * C))[:, :, :L]) if scaled else out
 
+FAST_LINEAR_SUMS: list = []  # fused kernels tried first: fn(fq, fk, v, segment_ids, causal, chunk_size, key_log_scale) -> sums | None
+
 def linear_sums(fq, # φ(q) [B, H, L, F]
                 fk, # φ(k) [B, H, L, F], pads already zeroed
                 v, # [B, H, L, E]
@@ -926,6 +929,9 @@ def linear_sums(fq, # φ(q) [B, H, L, F]
                 key_valid=None, # [B, L] bool real keys (needed with `key_log_scale`)
                ):
     "`Σ_{visible j} (φ(q_i)·φ(k_j) e^{c_j}) v_j` `[B, H, L, E]`, up to a positive per-row factor, without L×L."
+    for fast in FAST_LINEAR_SUMS:  # fused kernels (Triton, Pallas) registered by the framework modules; None: not here
+        out = fast(fq, fk, v, segment_ids, causal, chunk_size, key_log_scale)
+        if out is not None: return out
     xp = array_namespace(fq, fk, v)
     B, L = fq.shape[0], fq.shape[2]
     if key_log_scale is not None:

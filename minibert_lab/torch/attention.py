@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import triton_linear  # registers the Triton sums of linear attention (CUDA)
 from ..attention_spec import AttentionSpec, attention_spec, check_inputs
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # run the kernel core in fp32 for these
