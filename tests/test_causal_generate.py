@@ -52,3 +52,17 @@ def test_jax_beam_search_through_cache_equals_full_recompute():
     want = full_forward_beams(lambda s, mk: _forward_jit(j, jnp.asarray(s, jnp.int32), jnp.asarray(mk, jnp.int32)),
                               jnp.asarray(ids, jnp.int32), am, cfg, 3)
     np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_lab_sample_of_a_causal_run_only():
+    from types import SimpleNamespace
+    from minibert_lab.pretrain import LAB_SAMPLE_PROMPT, LAB_SAMPLE_TOKENS, lab_sample
+    ids, am = prompts(12)
+    data = SimpleNamespace(validation=[{"input_ids": ids.numpy(), "attention_mask": am.numpy()}],
+                           tokenizer=SimpleNamespace(decode=lambda t: " ".join(map(str, t))))
+    prompt, cont = lab_sample(SimpleNamespace(model=torch_model("standard")), data, "torch").split(" ‖ ")
+    assert prompt.split() == [str(int(t)) for t in ids[0, :LAB_SAMPLE_PROMPT]] and len(cont.split()) == LAB_SAMPLE_TOKENS
+    from minibert_lab.torch.models import MiniBERTForMaskedLM
+    from minibert_lab.config import ModelConfig
+    encoder = MiniBERTForMaskedLM(ModelConfig.preset("tiny", vocab_size=99, max_len=64))
+    assert lab_sample(SimpleNamespace(model=encoder), data, "torch") is None
