@@ -321,7 +321,7 @@ def generate_tokens(logits_fn: Callable,           # ids [B, T] -> next-token lo
         if not bool(xp.any(unfinished)): break
     return ids
 
-# %% ../nbs/25_generation.ipynb #21fd2a83
+# %% ../nbs/25_generation.ipynb #d5ec1851
 class BeamState(NamedTuple):
     "Beam search state for B rows of num_beams beams (a pytree in JAX)."
     running_sequences: Any   # [B, N, max_len] running hypotheses (pad after cur_len)
@@ -425,24 +425,16 @@ def beam_result(state: BeamState, prompt_len: int, num_return_sequences: int = 1
     return xp.reshape(state.sequences[:, :R, :prompt_len + n_gen], (B * R, prompt_len + n_gen)), xp.reshape(state.scores[:, :R], (B * R,))
 
 
-def beam_search(logits_fn: Callable,          # ids [B*num_beams, T] -> next-token logits [B*num_beams, V]
+def beam_search(logits_fn: Callable,          # ids [B', T'] -> next-token logits [B', V] (the prompts [B, T] first, then [B*num_beams, T'])
                 input_ids,                    # [B, T] prompts
                 config: SamplingConfig,
                 processors: LogitsProcessors | None = None,
                 num_return_sequences: int = 1):
     "Hugging Face's beam search driven by `logits_fn` (full recompute each step): (sequences, scores), see `beam_result`."
-    xp = array_namespace(input_ids)
-    processors = LogitsProcessors.from_config(config) if processors is None else processors
-    B, T = input_ids.shape
-    N = config.num_beams
-    state = beam_init(input_ids, config)
-    for cur_len in range(T, T + config.max_new_tokens):
-        ids = xp.reshape(state.running_sequences[:, :, :cur_len], (B * N, cur_len))
-        log_probs = processors(ids, log_softmax(xp, xp.astype(logits_fn(ids), xp.float32)))
-        state = beam_step(state, log_probs, cur_len, T, config)
-        if bool(state.done): break
-    return beam_result(state, T, num_return_sequences)
-
+    def step(new, ids):  # the "cache" is the sequence so far: reordering it by beam is exactly what the search needs
+        ids = new if ids is None else array_namespace(new).concat([ids, new], axis=1)
+        return logits_fn(ids), ids
+    return beam_search_cached(step, input_ids, config, processors, num_return_sequences)
 
 def take_rows(tree, # a cache: dicts, lists and tuples of arrays with a leading batch axis (0-d arrays, ints, None kept)
               idx, # [B'] rows to take

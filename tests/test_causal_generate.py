@@ -10,8 +10,8 @@ from test_causal import jax_pair, prompts, torch_model
 def full_forward_beams(forward, ids, am, cfg, R):
     "The reference: `generation.beam_search` recomputing the full causal forward of every beam (mask extended by 1s)."
     B, T = ids.shape
-    mask0 = np.repeat(np.asarray(am), cfg.num_beams, axis=0)  # [B*N, T]
-    def logits_fn(seq):
+    def logits_fn(seq):  # the prompts [B, T], then the beams [B*N, T']
+        mask0 = np.repeat(np.asarray(am), seq.shape[0] // B, axis=0)
         m = np.concatenate([mask0, np.ones((seq.shape[0], seq.shape[1] - T), mask0.dtype)], 1)
         return forward(seq, m)[:, -1]
     return beam_search(logits_fn, ids, cfg, num_return_sequences=R)[0]
@@ -66,3 +66,17 @@ def test_lab_sample_of_a_causal_run_only():
     from minibert_lab.config import ModelConfig
     encoder = MiniBERTForMaskedLM(ModelConfig.preset("tiny", vocab_size=99, max_len=64))
     assert lab_sample(SimpleNamespace(model=encoder), data, "torch") is None
+
+
+def test_bench_decode_costs_and_targets():
+    from minibert_lab.bench.decode import QUICK_MODEL, TARGET_CONTEXT, decode_costs, decode_model, decode_targets
+    from minibert_lab.bench.harness import SweepResult
+    tiny = dict(QUICK_MODEL, dim=16, ffn_dim=16, depth=1)
+    rows = {k: decode_costs(decode_model(k, 64, tiny), (16, 32), steps=2) for k in ("standard", "linear")}
+    assert [r["context"] for r in rows["standard"]] == [16, 32]
+    assert rows["standard"][1]["cache_mib"] == 2 * rows["standard"][0]["cache_mib"]      # the KV cache holds every token
+    assert rows["linear"][1]["cache_mib"] == rows["linear"][0]["cache_mib"]              # the state does not grow
+    res = SweepResult("decode", [dict(kind="standard", context=TARGET_CONTEXT, step_ms=4.0),
+                                 dict(kind="slay", context=TARGET_CONTEXT, step_ms=1.0)],
+                      dict(generate=dict(speedup=0.9)))
+    assert decode_targets(res) == dict(slay_ratio=0.25, slay_met=True, speedup=0.9, speed_met=False)
