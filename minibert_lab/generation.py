@@ -17,7 +17,7 @@ from array_api_compat import array_namespace
 __all__ = ['EARLY_STOPPING_MODES', 'BEAM_NEG', 'SamplingConfig', 'softmax', 'log_softmax', 'Temperature', 'TopK', 'TopP', 'MinP',
            'RepetitionPenalty', 'NoRepeatNGram', 'LogitsProcessors', 'greedy', 'make_rng', 'split_rng', 'sample',
            'select_tokens', 'finish_step', 'generate_tokens', 'BeamState', 'beam_init', 'beam_step', 'beam_result',
-           'beam_search']
+           'beam_search', 'take_rows', 'beam_search_cached']
 
 # %% ../nbs/25_generation.ipynb #44438c98
 EARLY_STOPPING_MODES = (False, True, "never")   # beam search: heuristic stop, stop when num_beams are done, never early
@@ -122,7 +122,7 @@ def _rank(xp, x):
     order = xp.argsort(x, axis=-1, descending=True, stable=True)
     return xp.argsort(order, axis=-1, stable=True)                   # the inverse permutation
 
-# %% ../nbs/25_generation.ipynb #a2e7505a
+# %% ../nbs/25_generation.ipynb #ec2d9eb0
 def _check(cls, name, value, ok: bool, allowed: str):
     if not ok: raise ValueError(f"{cls}.{name}={value!r} is invalid; allowed: {allowed}")
 
@@ -198,27 +198,36 @@ class RepetitionPenalty:
 class NoRepeatNGram:
     "Mask every token that would repeat an n-gram of `input_ids` (`NoRepeatNGramLogitsProcessor`), vectorised over fixed T."
     ngram_size: int
+    uses_length = True   # accepts `length=`: only the first `length` columns of `input_ids` are tokens (a jitted loop's buffer)
     def __post_init__(self): _check("NoRepeatNGram", "ngram_size", self.ngram_size, _is_int(self.ngram_size) and self.ngram_size >= 1, "an integer >= 1")
-    def __call__(self, input_ids, scores):
+    def __call__(self, input_ids, scores, length=None):
         xp = array_namespace(scores)
         n, T = self.ngram_size, input_ids.shape[-1]
         if T < n: return scores                                                   # static: T is a shape
         W = T - n + 1                                                             # number of n-grams in a row
         windows = xp.stack([input_ids[:, j:j + W] for j in range(n)], axis=-1)   # [B, W, n]
-        prefix = input_ids[:, T - n + 1:]                                         # [B, n-1] the last n-1 tokens
+        if length is None: prefix = input_ids[:, T - n + 1:]                      # [B, n-1] the last n-1 tokens
+        else:                                                                     # traced length: the n-1 tokens before it
+            last = xp.clip(length - n + 1 + _arange(xp, n - 1, input_ids), min=0, max=T - 1)
+            prefix = xp.take(input_ids, last, axis=1)                             # [B, n-1]
         match = xp.all(windows[:, :, :n - 1] == prefix[:, None, :], axis=-1)     # [B, W] n-gram starts like the suffix
+        if length is not None: match = match & (_arange(xp, W, input_ids) + n <= length)[None, :]   # whole n-gram written
         vocab = _arange(xp, scores.shape[-1], input_ids, dtype=input_ids.dtype)
         banned = xp.any(match[:, :, None] & (windows[:, :, n - 1:] == vocab), axis=1)   # [B, W, V] -> [B, V]
         return _mask(xp, banned, scores)
 
-# %% ../nbs/25_generation.ipynb #787949da
+# %% ../nbs/25_generation.ipynb #b4b043a8
 @dataclass(frozen=True)
 class LogitsProcessors:
     "A sequence of processors applied in order (`LogitsProcessorList`); `from_config` builds Hugging Face's order."
     processors: tuple = ()
 
-    def __call__(self, input_ids, scores):
-        for p in self.processors: scores = p(input_ids, scores)
+    def __call__(self, input_ids, # [B, T] ids so far; with `length`, a buffer whose columns from `length` on are -1
+                 scores, # [B, V]
+                 length=None, # tokens written in `input_ids` (may be traced); None: all T columns
+                ):
+        for p in self.processors:
+            scores = p(input_ids, scores, length=length) if length is not None and getattr(p, "uses_length", False) else p(input_ids, scores)
         return scores
 
     def __len__(self): return len(self.processors)
@@ -236,7 +245,7 @@ class LogitsProcessors:
             if config.min_p > 0.0: ps.append(MinP(float(config.min_p)))
         return cls(tuple(ps))
 
-# %% ../nbs/25_generation.ipynb #31e9cc70
+# %% ../nbs/25_generation.ipynb #8bbd5239
 def greedy(scores):
     "Index of the largest score of each row [B, V] -> [B] (ties to the lowest id)."
     return array_namespace(scores).argmax(scores, axis=-1)
@@ -273,10 +282,10 @@ def sample(scores, key_or_generator):
     raise ValueError(f"scores={type(scores).__name__} is invalid; allowed: a torch tensor or a JAX array")
 
 
-def select_tokens(input_ids, logits, config: SamplingConfig, processors: LogitsProcessors | None = None, key=None):
-    "Next token per row: process `logits` [B, V] with `processors` (default: from `config`), then greedy or sample."
+def select_tokens(input_ids, logits, config: SamplingConfig, processors: LogitsProcessors | None = None, key=None, length=None):
+    "Next token per row: process `logits` [B, V] with `processors` (default: from `config`), then greedy or sample (`length`: see `LogitsProcessors`)."
     processors = LogitsProcessors.from_config(config) if processors is None else processors
-    scores = processors(input_ids, logits)
+    scores = processors(input_ids, logits, length)
     return sample(scores, key) if config.do_sample else greedy(scores)
 
 
@@ -312,7 +321,7 @@ def generate_tokens(logits_fn: Callable,           # ids [B, T] -> next-token lo
         if not bool(xp.any(unfinished)): break
     return ids
 
-# %% ../nbs/25_generation.ipynb #74f2f21d
+# %% ../nbs/25_generation.ipynb #d5ec1851
 class BeamState(NamedTuple):
     "Beam search state for B rows of num_beams beams (a pytree in JAX)."
     running_sequences: Any   # [B, N, max_len] running hypotheses (pad after cur_len)
@@ -323,6 +332,7 @@ class BeamState(NamedTuple):
     finished: Any            # [B, N] bool: slot holds a finished hypothesis
     improvable: Any          # [B, 1] bool: the early-stopping heuristic still lets this row improve
     done: Any                # [] bool: the search is over
+    running_beams: Any = None  # [B, N] the beam each running hypothesis extends (reorder caches by it)
 
 
 def _gather_beams(xp, x, idx):
@@ -347,7 +357,8 @@ def beam_init(input_ids, config: SamplingConfig) -> BeamState:
     running = xp.broadcast_to(xp.where(beam0, xp.zeros((N,), dtype=xp.float32, **dev), xp.full((N,), BEAM_NEG, dtype=xp.float32, **dev)), (B, N))
     return BeamState(seqs, running, seqs, xp.full((B, N), BEAM_NEG, dtype=xp.float32, **dev),
                      xp.zeros((B, N), dtype=input_ids.dtype, **dev), xp.zeros((B, N), dtype=xp.bool, **dev),
-                     xp.ones((B, 1), dtype=xp.bool, **dev), xp.asarray(False, **dev))
+                     xp.ones((B, 1), dtype=xp.bool, **dev), xp.asarray(False, **dev),
+                     xp.broadcast_to(_arange(xp, N, input_ids, dtype=input_ids.dtype)[None, :], (B, N)))
 
 
 def beam_step(state: BeamState,
@@ -377,6 +388,7 @@ def beam_step(state: BeamState,
     live = topk_scores + xp.astype(hits, xp.float32) * BEAM_NEG
     nxt = _topk_indices(xp, live, N)
     running_sequences, running_scores = _gather_beams(xp, topk_seqs, nxt), xp.take_along_axis(live, nxt, axis=-1)
+    running_beams = xp.astype(xp.take_along_axis(beam, nxt, axis=-1), state.running_sequences.dtype)   # [B, N] source beams
     # 4. finished beams
     top_n = (_arange(xp, K, log_probs) < N)[None, :]
     just_finished = hits & top_n
@@ -399,7 +411,8 @@ def beam_step(state: BeamState,
     worst = xp.where(finished, xp.min(scores, axis=1, keepdims=True), xp.full_like(scores, BEAM_NEG))
     improvable = state.improvable & xp.any(best_running > worst, axis=-1, keepdims=True)
     go_on = xp.any(improvable) & ~(xp.all(finished) & (es is True)) & ~xp.all(hits)
-    return BeamState(running_sequences, running_scores, sequences, scores, lengths, finished, improvable, state.done | ~go_on)
+    return BeamState(running_sequences, running_scores, sequences, scores, lengths, finished, improvable, state.done | ~go_on,
+                     running_beams)
 
 
 def beam_result(state: BeamState, prompt_len: int, num_return_sequences: int = 1):
@@ -412,20 +425,48 @@ def beam_result(state: BeamState, prompt_len: int, num_return_sequences: int = 1
     return xp.reshape(state.sequences[:, :R, :prompt_len + n_gen], (B * R, prompt_len + n_gen)), xp.reshape(state.scores[:, :R], (B * R,))
 
 
-def beam_search(logits_fn: Callable,          # ids [B*num_beams, T] -> next-token logits [B*num_beams, V]
+def beam_search(logits_fn: Callable,          # ids [B', T'] -> next-token logits [B', V] (the prompts [B, T] first, then [B*num_beams, T'])
                 input_ids,                    # [B, T] prompts
                 config: SamplingConfig,
                 processors: LogitsProcessors | None = None,
                 num_return_sequences: int = 1):
     "Hugging Face's beam search driven by `logits_fn` (full recompute each step): (sequences, scores), see `beam_result`."
+    def step(new, ids):  # the "cache" is the sequence so far: reordering it by beam is exactly what the search needs
+        ids = new if ids is None else array_namespace(new).concat([ids, new], axis=1)
+        return logits_fn(ids), ids
+    return beam_search_cached(step, input_ids, config, processors, num_return_sequences)
+
+def take_rows(tree, # a cache: dicts, lists and tuples of arrays with a leading batch axis (0-d arrays, ints, None kept)
+              idx, # [B'] rows to take
+             ):
+    "`tree` with every batched array gathered along axis 0 by `idx` (copies each prompt's cache to its beams, reorders beams)."
+    if isinstance(tree, dict): return {k: take_rows(v, idx) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)): return type(tree)(take_rows(v, idx) for v in tree)
+    if getattr(tree, "ndim", 0) >= 1: return array_namespace(tree).take(tree, idx, axis=0)
+    return tree
+
+
+def beam_search_cached(step_fn: Callable,   # (new ids [B', T'], cache | None) -> (next-token logits [B', V], cache)
+                       input_ids,           # [B, T] prompts
+                       config: SamplingConfig,
+                       processors: LogitsProcessors | None = None,
+                       num_return_sequences: int = 1):
+    "`beam_search` through a cache: prefill each prompt once, copy its cache to its beams, then one token per beam and step, caches reordered by source beam."
     xp = array_namespace(input_ids)
     processors = LogitsProcessors.from_config(config) if processors is None else processors
     B, T = input_ids.shape
     N = config.num_beams
+    rows = xp.reshape(xp.broadcast_to(_arange(xp, B, input_ids)[:, None] * N, (B, N)), (B * N,))   # b*N: beam 0 of row b
+    logits, cache = step_fn(input_ids, None)                                         # [B, V]: the prompt, once
+    beams = rows // N
+    logits, cache = xp.take(logits, beams, axis=0), take_rows(cache, beams)          # [B*N, V]: each beam starts from it
     state = beam_init(input_ids, config)
     for cur_len in range(T, T + config.max_new_tokens):
         ids = xp.reshape(state.running_sequences[:, :, :cur_len], (B * N, cur_len))
-        log_probs = processors(ids, log_softmax(xp, xp.astype(logits_fn(ids), xp.float32)))
+        log_probs = processors(ids, log_softmax(xp, xp.astype(logits, xp.float32)))
         state = beam_step(state, log_probs, cur_len, T, config)
-        if bool(state.done): break
+        if bool(state.done) or cur_len + 1 == T + config.max_new_tokens: break
+        src = rows + xp.reshape(xp.astype(state.running_beams, rows.dtype), (B * N,))   # [B*N] cache row each beam extends
+        new = xp.reshape(state.running_sequences[:, :, cur_len], (B * N, 1))            # [B*N, 1] the token just chosen
+        logits, cache = step_fn(new, take_rows(cache, src))
     return beam_result(state, T, num_return_sequences)

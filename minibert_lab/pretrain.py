@@ -20,13 +20,13 @@ from .viz import attention_map, training_curves, write_html
 from .bench.harness import matmul_peak, model_flops_per_token
 
 # %% auto #0
-__all__ = ['TOKENIZER_DIR', 'MIN_VALIDATION_MASKED', 'EXPERIMENT_CONFIG', 'MODEL_FOLDERS', 'LAB_KINDS', 'LAB_PRESET', 'LAB_STEPS',
-           'LAB_OVERRIDES', 'LAB_ROOT', 'LAB_FILES', 'LAB_NOISE_EVALS', 'DOCS_URL', 'LAB_EXPLAINED', 'LAB_COLUMNS',
-           'measure_throughput', 'make_backend', 'masked_tokens', 'prepare_data', 'check_validation', 'pretrain',
-           'read_json_file', 'read_experiment_config', 'experiment_from_args', 'experiment_from_cli', 'pretrain_parser',
-           'cli_pretrain', 'ResolvedModel', 'resolve_model_path', 'encode_prompts', 'cli_generate', 'unigram_entropy',
-           'time_to_loss', 'lab_config', 'fresh_lab_dir', 'lab', 'lab_setup', 'attention_side_by_side',
-           'write_lab_report', 'cli_lab']
+__all__ = ['TOKENIZER_DIR', 'MIN_VALIDATION_MASKED', 'EXPERIMENT_CONFIG', 'MODEL_FOLDERS', 'LAB_KINDS', 'LAB_SAMPLE_PROMPT',
+           'LAB_SAMPLE_TOKENS', 'LAB_PRESET', 'LAB_STEPS', 'LAB_OVERRIDES', 'LAB_ROOT', 'LAB_FILES', 'LAB_NOISE_EVALS',
+           'DOCS_URL', 'LAB_EXPLAINED', 'LAB_COLUMNS', 'measure_throughput', 'make_backend', 'masked_tokens',
+           'prepare_data', 'check_validation', 'pretrain', 'read_json_file', 'read_experiment_config',
+           'experiment_from_args', 'experiment_from_cli', 'pretrain_parser', 'cli_pretrain', 'ResolvedModel',
+           'resolve_model_path', 'encode_prompts', 'cli_generate', 'unigram_entropy', 'time_to_loss', 'lab_config',
+           'fresh_lab_dir', 'lab', 'lab_sample', 'lab_setup', 'attention_side_by_side', 'write_lab_report', 'cli_lab']
 
 # %% ../nbs/43_pretrain.ipynb #c67152cf
 def measure_throughput(cfg: ExperimentConfig, # experiment (framework in `cfg.train.framework`)
@@ -340,8 +340,9 @@ def cli_generate(argv: Sequence[str]) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "tokens": new[:cut]}) if a.json else f"{prompt} {text}")
     return 0
 
-# %% ../nbs/43_pretrain.ipynb #a7494f84
+# %% ../nbs/43_pretrain.ipynb #b5293588
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
+LAB_SAMPLE_PROMPT, LAB_SAMPLE_TOKENS = 8, 24   # a causal run continues the first 8 tokens of a validation row by 24
 LAB_PRESET = "tiny"
 LAB_STEPS = 600                    # optimizer steps per run
 # a 512-piece vocabulary: many words span several pieces, so context is informative early in training
@@ -438,9 +439,11 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
                          "val_loss_spread": float(max(hist) - min(hist)) if len(hist) > 1 else float("nan"),
                          "tokens_per_s": res.train_tokens_per_s, "train_s": res.seconds,
                          "flops_per_token": model_flops_per_token(model_cfg, seq_len, cfg.data.predicted_fraction)})
+            sample = lab_sample(backend, data, cfg.train.framework)
+            if sample is not None: rows[-1]["sample"] = sample
             runs[names[kind]] = run_dir
             b = data.validation[0]
-            maps[kind] = (backend.attention_maps(b), data.tokenizer.convert_ids_to_tokens(
+            maps[kind] = None if sample is not None else (backend.attention_maps(b), data.tokenizer.convert_ids_to_tokens(
                 np.asarray(b["input_ids"])[0][np.asarray(b["attention_mask"])[0].astype(bool)].tolist()))
     finally:
         bar.close()
@@ -453,6 +456,23 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
     (out / "results.json").write_text(json.dumps({"rows": rows, "unigram_entropy": entropy, "target_loss": target,
                                                   "setup": setup}, indent=1))
     return {"table": table, "report": report, "unigram_entropy": entropy, "target_loss": target, "setup": setup}
+
+def lab_sample(backend, # a trained run's backend
+               data, # its data (tokenizer, validation batches)
+               framework: str, # "torch" or "jax"
+              ) -> str | None:
+    "A causal run's greedy continuation (no repeated trigram) of a validation prompt, as text; None for an encoder."
+    from minibert_lab.causal import CAUSAL_ARCHITECTURES
+    model = backend.model() if framework == "jax" else backend.model
+    if type(model).__name__ not in CAUSAL_ARCHITECTURES: return None
+    b = data.validation[0]
+    row = np.asarray(b["input_ids"])[0][np.asarray(b["attention_mask"])[0].astype(bool)][:LAB_SAMPLE_PROMPT][None, :]
+    new = min(LAB_SAMPLE_TOKENS, model.cfg.max_len - row.shape[1])
+    if framework == "jax": out = np.asarray(model.generate(row, max_new_tokens=new, no_repeat_ngram_size=3))
+    else:
+        import torch
+        with torch.no_grad(): out = model.generate(torch.as_tensor(row), max_new_tokens=new, no_repeat_ngram_size=3).numpy()
+    return f"{data.tokenizer.decode(out[0, :row.shape[1]])} ‖ {data.tokenizer.decode(out[0, row.shape[1]:])}"
 
 def lab_setup(cfg: ExperimentConfig, kinds: Sequence[str], data) -> dict:
     "The setup of a lab run as the report states it: model size, lengths, vocabulary, steps, seeds, machine."
@@ -480,6 +500,8 @@ LAB_COLUMNS = {
                         "runs' final validation losses (a loss every run reached), checked at each evaluation; the "
                         "worse run's value is therefore its whole training time",
     "flops_per_token": "model FLOPs per training token (forward + backward, from the registry's FLOP model)",
+    "sample": f"causal runs only: the first {LAB_SAMPLE_PROMPT} tokens of a validation row ‖ the model's greedy continuation "
+              f"({LAB_SAMPLE_TOKENS} tokens, no repeated trigram)",
 }
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -513,8 +535,9 @@ def _html_table(rows: Mapping[str, Any]) -> str:
 def write_lab_report(path: Path, runs: Mapping[str, Path], maps: Mapping[str, tuple], table,
                      setup: Mapping[str, Any] | None = None, target: float | None = None) -> Path:
     "The lab's HTML report: setup, the comparison table with its columns defined, noise, curves and attention maps."
-    figs = [training_curves({k: read_metrics(v) for k, v in runs.items()}, metrics=["loss", "val_loss"]),
-            attention_side_by_side(maps)]
+    shown = {k: v for k, v in maps.items() if v is not None}   # causal runs have no attention maps (None)
+    figs = [training_curves({k: read_metrics(v) for k, v in runs.items()}, metrics=["loss", "val_loss"])]
+    if shown: figs.append(attention_side_by_side(shown))
     p = write_html(figs, path, title="minibert_lab lab: " + " vs ".join(maps))
     spread = table["val_loss_spread"].dropna() if "val_loss_spread" in table else []
     noise = (f"The validation loss of each run moved by up to {max(spread):.3f} nats over its last {LAB_NOISE_EVALS} "
@@ -558,5 +581,7 @@ def cli_lab(argv: Sequence[str]) -> int:
         print("minibert-lab lab: interrupted; no report written", file=sys.stderr); return 130
     cols = ["run", "val_loss", "val_ppl", "val_acc", "val_loss_spread", "tokens_per_s", "time_to_target_s"]
     print(res["table"][cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    for r in res["table"].to_dict("records"):
+        if isinstance(r.get("sample"), str): print(f"sample of {r['run']} (prompt ‖ greedy continuation): {r['sample']}")
     print(f"report: {res['report']}")
     return 0

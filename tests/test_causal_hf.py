@@ -1,4 +1,4 @@
-"Llama-style checkpoints in and out: a tiny random LlamaForCausalLM (odd sizes, GQA) gives the same logits, greedy and beam-search tokens through from_hf, in torch and JAX."
+"Llama-style checkpoints in and out: a tiny random LlamaForCausalLM (odd sizes, GQA) gives the same logits, greedy and beam-search tokens (beam search through our cache) through from_hf, in torch and JAX."
 import numpy as np
 import pytest
 import torch
@@ -87,3 +87,8 @@ def test_jax_from_hf_logits(hf_pair):
     with torch.no_grad():
         ref_g = hf.generate(input_ids=ids, attention_mask=am, do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=2)
     np.testing.assert_array_equal(gj, ref_g.numpy())
+    bk = dict(num_beams=3, length_penalty=0.7, early_stopping=True, max_new_tokens=5, pad_token_id=0)
+    bj = np.asarray(j.generate(ids.numpy(), am.numpy(), eos_token_ids=(2,), num_return_sequences=2, **bk))   # through the cache
+    with torch.no_grad():
+        ref_b = hf.generate(input_ids=ids, attention_mask=am, do_sample=False, num_return_sequences=2, eos_token_id=2, **bk)
+    np.testing.assert_array_equal(bj, ref_b.numpy()[:, :bj.shape[1]])

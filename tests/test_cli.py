@@ -171,3 +171,16 @@ def test_pretrain_says_the_tokenizer_sets_the_vocabulary(capsys):
     with pytest.raises(ValueError, match="does not exist"):
         cli_pretrain(["--out", "/nonexistent/never-written", "--data-files", "/no/such.txt", "--model.vocab_size", "300"])
     assert "model.vocab_size is replaced" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_causal_lab_prints_a_sample(tmp_path, capsys):
+    out = tmp_path / "lab"
+    code, text, err = run_cli(capsys, "lab", "--out", out, "--kinds", "standard", "--steps", "2", "--no-progress",
+                              "--data.objective", "clm", "--data.batch_size", "4", "--data.seq_len", "32",
+                              "--train.eval_every", "1", "--train.eval_batches", "1")
+    assert code == 0, err
+    line = next(l for l in text.splitlines() if l.startswith("sample of torch-standard"))
+    prompt, continuation = line.split(": ", 1)[1].split(" ‖ ")
+    assert prompt.strip() and continuation.strip()
+    assert "sample" in json.loads((out / "results.json").read_text())["rows"][0]

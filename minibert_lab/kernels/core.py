@@ -6,6 +6,7 @@ Docs: https://minibert-lab.github.io/minibert_lab/kernels.html.md"""
 
 # %% ../../nbs/10_kernels.ipynb #91fea514
 from __future__ import annotations
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -584,13 +585,16 @@ def _ref_rff(q, k, st, p, pos):
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
 # %% ../../nbs/10_kernels.ipynb #27f1dcfe
+@functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
                   ) -> tuple[np.ndarray, np.ndarray]:
     "Gauss–Laguerre nodes `s_r = t_r / C` and weights `w_r = α_r / C` for ∫₀^∞ e^{-sC} f(s) ds."
     t, a = np.polynomial.laguerre.laggauss(num_nodes)
     C = 2.0 + epsilon
-    return t / C, a / C
+    t, a = t / C, a / C
+    t.flags.writeable = a.flags.writeable = False  # shared by every caller (cached)
+    return t, a
 
 def _prf(xp, u, omega, s):
     "Positive random features of e^{2 s û·k̂}: exp(√(2s) ωᵀû − s)/√M, exponent clipped."

@@ -23,7 +23,7 @@ from .models import (Block, Embeddings, _from_pretrained, _save_pretrained, chun
 # %% auto #0
 __all__ = ['CausalLMOutput', 'MiniGPT', 'MiniGPTForCausalLM', 'decode_matches_forward']
 
-# %% ../../nbs/26a_causal.torch.ipynb #b0d4f927
+# %% ../../nbs/26a_causal.torch.ipynb #65866800
 class CausalLMOutput(NamedTuple):
     "What `MiniGPTForCausalLM` returns (the fields the training loops read are those of `MaskedLMOutput`)."
     loss: torch.Tensor | None             # mean next-token CE over predicted positions
@@ -136,10 +136,9 @@ class MiniGPTForCausalLM(nn.Module):
         check_prompt(input_ids, attention_mask, config, self.cfg.max_len, self.cfg.vocab_size)
         reserve = input_ids.shape[1] + config.max_new_tokens
         decode = lambda ids, c, m: self.decode(ids, c, m, reserve, cache_dtype)
-        forward = lambda ids, m: self(ids, m).logits
         was = self.training
         self.eval()
-        try: return generate_with(decode, forward, input_ids, attention_mask, config, generator, streamer, num_return_sequences)
+        try: return generate_with(decode, input_ids, attention_mask, config, generator, streamer, num_return_sequences)
         finally: self.train(was)
 
 for _cls in (MiniGPT, MiniGPTForCausalLM):
