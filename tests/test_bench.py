@@ -278,9 +278,11 @@ def test_cli_bench_import_errors_name_the_argument(capsys):
 def test_attention_case_runs_and_measures(framework):
     c = attention.attention_case("slay", 16, framework, True, dim=16, heads=2)
     c.run()
-    assert c.memory() > 0 and c.info["features"] == 2 * 16 * 32
+    L, D = 16, 8
+    F, M = kernels.FEATURES_PER_HEAD_DIM * D, kernels.slay_num_features(D, kernels.kind_params("slay"))  # default budget
+    assert c.memory() > 0 and c.info["features"] == F == 2 * 16 * M
     # analytic FLOPs include the SLAY feature-map projections: R*M PRF columns + P anchors per role
-    L, D, F, W = 16, 8, 1024, 2 * 32 + 16   # W: R*M PRF columns + P anchors per role
+    W = 2 * M + 16   # W: R*M PRF columns + P anchors per role
     assert c.flops == 3 * (4 * 2 * L * 16 * 16 + 2 * (2 * 2 * L * D * W + 2 * 2 * F * L * D + 2 * 2 * L * F))
 
 

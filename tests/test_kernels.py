@@ -34,6 +34,16 @@ def _convert(fw, a, is_float=True):
     return jnp.asarray(a, jnp.float32) if is_float else jnp.asarray(a)
 
 
+def _forms(kind):
+    "The forms to test: feature kinds both (forced), exact kinds their one."
+    return ("quadratic",) if K.is_exact(kind) else ("linear", "quadratic")
+
+
+def _lin(kind):
+    "Force the linear form on feature kinds (the tests written for it keep testing it)."
+    return {} if K.is_exact(kind) else dict(form="linear")
+
+
 def _setup(kind, seed=1, H=2, D=8):
     p = K.small_params(kind)
     return p, K.init_state(kind, H, D, seed=seed, **p)
@@ -56,7 +66,7 @@ def test_matches_oracle(kind, causal, masking, fw):
     m = _masks(masking, am, sg, pos)
     ref, wref = K.reference_attention(kind, q, k, v, st, params=p, causal=causal, **m)
     out, w = K.attention_core(kind, *(_convert(fw, a) for a in (q, k, v)), {n: _convert(fw, a) for n, a in st.items()},
-                              params=p, causal=causal, chunk_size=3, output_attentions=True,
+                              params=p, causal=causal, chunk_size=3, output_attentions=True, **_lin(kind),
                               **{n: _convert(fw, a, False) for n, a in m.items()})
     tol = (K.ORACLE_RTOL_FP64 if fw == "numpy64" else K.ORACLE_RTOL_FP32) * K.weights_condition(wref)
     assert K.relative_error(out, ref) < tol
@@ -69,7 +79,7 @@ def test_chunk_size_does_not_matter(kind):
     (q, k, v), am, sg, pos = _inputs(L=11)
     p, st = _setup(kind)
     outs = [K.attention_core(kind, q, k, v, st, params=p, causal=True, segment_ids=sg, position_ids=pos,
-                             chunk_size=c)[0] for c in (1, 4, 11, 64)]
+                             chunk_size=c, form="linear")[0] for c in (1, 4, 11, 64)]
     for o in outs[1:]: np.testing.assert_allclose(o, outs[0], rtol=1e-9, atol=1e-9)
 
 
@@ -82,8 +92,9 @@ def test_torch_gradcheck_float64(kind):
     sgt, amt, post = torch.as_tensor(sg), torch.as_tensor(am), torch.as_tensor(pos)
 
     def f(q, k, v):
-        a, _ = K.attention_core(kind, q, k, v, stt, params=p, causal=True, segment_ids=sgt, position_ids=post, chunk_size=2)
-        b, _ = K.attention_core(kind, q, k, v, stt, params=p, attention_mask=amt)
+        a, _ = K.attention_core(kind, q, k, v, stt, params=p, causal=True, segment_ids=sgt, position_ids=post, chunk_size=2,
+                                **_lin(kind))
+        b, _ = K.attention_core(kind, q, k, v, stt, params=p, attention_mask=amt, **_lin(kind))
         return a, b
     assert torch.autograd.gradcheck(f, (qt, kt, vt), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
@@ -96,7 +107,7 @@ def test_jax_grad_vs_finite_differences(kind):
     kw = dict(params=p, causal=True, segment_ids=sg, position_ids=pos)
 
     def loss_jax(q, k, v):
-        out, _ = K.attention_core(kind, q, k, v, {n: jnp.asarray(a) for n, a in st.items()}, chunk_size=2,
+        out, _ = K.attention_core(kind, q, k, v, {n: jnp.asarray(a) for n, a in st.items()}, chunk_size=2, **_lin(kind),
                                   **{**kw, "segment_ids": jnp.asarray(sg), "position_ids": jnp.asarray(pos)})
         return jnp.sum(out * R)
 
@@ -122,14 +133,13 @@ def test_padding_invariance(kind):
     rng = np.random.default_rng(5)
     (q, k, v), _, _, _ = _inputs(B=1, L=5)
     p, st = _setup(kind)
-    base, _ = K.attention_core(kind, q, k, v, st, params=p)
-    for causal in (False, True):
-        base, _ = K.attention_core(kind, q, k, v, st, params=p, causal=causal)
+    for causal, form in ((c, f) for c in (False, True) for f in _forms(kind)):
+        base, _ = K.attention_core(kind, q, k, v, st, params=p, causal=causal, form=form)
         for extra in (1, 4):
             pad = lambda a: np.concatenate([a, 50 * rng.standard_normal(a.shape[:2] + (extra, a.shape[3]))], axis=2)
             am = np.concatenate([np.ones((1, 5), int), np.zeros((1, extra), int)], axis=1)
             out, _ = K.attention_core(kind, pad(q), pad(k), pad(v), st, params=p, attention_mask=am, causal=causal,
-                                      chunk_size=2)
+                                      chunk_size=2, form=form)
             np.testing.assert_allclose(out[:, :, :5], base, rtol=1e-9, atol=1e-9)
             np.testing.assert_array_equal(out[:, :, 5:], 0.0)
 
@@ -141,11 +151,12 @@ def test_packing_equals_separate_documents(kind):
     p, st = _setup(kind)
     sg = np.array([[1, 1, 1, 2, 2, 2, 0]])
     pos = np.array([[0, 1, 2, 0, 1, 2, 0]])
-    for causal in (False, True):
+    for causal, form in ((c, f) for c in (False, True) for f in _forms(kind)):
         out, _ = K.attention_core(kind, q, k, v, st, params=p, segment_ids=sg, position_ids=pos, causal=causal,
-                                  chunk_size=2)
+                                  chunk_size=2, form=form)
         for a, b in ((0, 3), (3, 6)):
-            sep, _ = K.attention_core(kind, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], st, params=p, causal=causal)
+            sep, _ = K.attention_core(kind, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], st, params=p, causal=causal,
+                                      **_lin(kind))
             np.testing.assert_allclose(out[:, :, a:b], sep, rtol=1e-8, atol=1e-8)
         np.testing.assert_array_equal(out[:, :, 6], 0.0)
 
@@ -156,11 +167,13 @@ def test_causal_no_future(kind):
     (q, k, v), am, sg, pos = _inputs(B=3, L=9, seed=6)
     p, st = _setup(kind)
     t = 4
-    base, _ = K.attention_core(kind, q, k, v, st, params=p, causal=True, segment_ids=sg, position_ids=pos, chunk_size=3)
     q2, k2, v2 = (a.copy() for a in (q, k, v))
     for a in (q2, k2, v2): a[:, :, t + 1:] += 30 * np.random.default_rng(7).standard_normal(a[:, :, t + 1:].shape)
-    out, _ = K.attention_core(kind, q2, k2, v2, st, params=p, causal=True, segment_ids=sg, position_ids=pos, chunk_size=3)
-    np.testing.assert_array_equal(out[:, :, :t + 1], base[:, :, :t + 1])
+    for form in _forms(kind):
+        kw = dict(params=p, causal=True, segment_ids=sg, position_ids=pos, chunk_size=3, form=form)
+        base, _ = K.attention_core(kind, q, k, v, st, **kw)
+        out, _ = K.attention_core(kind, q2, k2, v2, st, **kw)
+        np.testing.assert_array_equal(out[:, :, :t + 1], base[:, :, :t + 1])
 
 
 def _check_finite(kind, scales):
@@ -264,3 +277,100 @@ def test_default_params_pad_invariance(kind):
         base, _ = K.attention_core(kind, q, k, v, st, params=p, causal=causal)
         out, _ = K.attention_core(kind, pad(q), pad(k), pad(v), st, params=p, attention_mask=am, causal=causal)
         np.testing.assert_allclose(out[:, :, :5], base, rtol=1e-9, atol=1e-9)
+
+
+def _form_grid():
+    "numpy float64 and torch float32 for every feature kind; JAX float32 for a factored kind and a key-scaled one."
+    for kind in LINEAR_KINDS:
+        for fw in FRAMEWORKS:
+            if fw != "jax32" or kind in ("slay", "performer"): yield pytest.param(kind, fw, id=f"{kind}-{fw}")
+
+
+@pytest.mark.parametrize("kind,fw", list(_form_grid()))
+def test_quadratic_form_matches_oracle_and_linear(kind, fw):
+    "The factored quadratic form (φ(Q)φ(K)ᵀ masked, then [v; 1]) gives the oracle's outputs and weights, and the linear form's."
+    (q, k, v), am, sg, pos = _inputs()
+    p, st = _setup(kind)
+    for causal in (False, True):
+        for masking in (MASKINGS if fw != "jax32" else ("packed",)):
+            m = _masks(masking, am, sg, pos)
+            ref, wref = K.reference_attention(kind, q, k, v, st, params=p, causal=causal, **m)
+            args = [_convert(fw, a) for a in (q, k, v)] + [{n: _convert(fw, a) for n, a in st.items()}]
+            kw = dict(params=p, causal=causal, chunk_size=3, output_attentions=True,
+                      **{n: _convert(fw, a, False) for n, a in m.items()})
+            out, w = K.attention_core(kind, *args, form="quadratic", **kw)
+            tol = (K.ORACLE_RTOL_FP64 if fw == "numpy64" else K.ORACLE_RTOL_FP32) * K.weights_condition(wref)
+            assert K.relative_error(out, ref) < tol and K.relative_error(w, wref) < tol, (causal, masking)
+            if fw != "jax32":  # (JAX's linear form meets the oracle in test_matches_oracle)
+                lin, _ = K.attention_core(kind, *args, form="linear", **kw)
+                assert K.relative_error(out, lin) < tol, (causal, masking)
+
+
+@pytest.mark.parametrize("kind", ("performer", "slay", "slay-tensor", "cosformer"))
+def test_forms_have_the_same_gradients(kind):
+    "Gradients of the two forms agree in torch float64: bidirectional and causal, padded and packed."
+    (q, k, v), am, sg, pos = _inputs(B=2, H=2, L=6, D=8, seed=3)
+    p, st = _setup(kind)
+    R = torch.tensor(np.random.default_rng(2).standard_normal((2, 2, 6, 8)))
+    for causal in (False, True):
+        for m in (dict(attention_mask=am), dict(segment_ids=sg, position_ids=pos)):
+            grads = []
+            for form in ("linear", "quadratic"):
+                x = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+                out, _ = K.attention_core(kind, *x, {n: torch.tensor(a, dtype=torch.float64) for n, a in st.items()},
+                                          params=p, causal=causal, chunk_size=4, form=form,
+                                          **{n: torch.as_tensor(a) for n, a in m.items()})
+                (out * R).sum().backward()
+                grads.append([a.grad for a in x])
+            for a, b in zip(*grads): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_forms_have_the_same_gradients_jax():
+    "JAX float32 under jit: SLAY's gradients through both forms agree (causal, packed)."
+    (q, k, v), am, sg, pos = _inputs(B=2, H=2, L=6, D=8, seed=3)
+    p, st = _setup("slay")
+    R = np.random.default_rng(2).standard_normal((2, 2, 6, 8))
+    stj, sj = {n: jnp.asarray(a) for n, a in st.items()}, jnp.asarray(sg)
+
+    def loss(form):
+        return lambda q, k, v: jnp.sum(K.attention_core("slay", q, k, v, stj, params=p, causal=True, segment_ids=sj,
+                                                        chunk_size=4, form=form)[0] * R)
+    xj = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    g_lin, g_quad = (jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(*xj) for f in ("linear", "quadratic"))
+    for a, b in zip(g_lin, g_quad): assert K.relative_error(b, a) < 1e-4
+
+
+def test_form_choice_and_errors():
+    "`form` is validated by name; the cost model takes SLAY's factored quadratic form at short lengths, linear at long ones."
+    (q, k, v), am, sg, pos = _inputs()
+    with pytest.raises(ValueError, match=r"form='fast' is invalid; allowed: 'auto', 'linear', 'quadratic'"):
+        K.attention_core("slay", q, k, v, K.init_state("slay", 2, 8), form="fast")
+    with pytest.raises(ValueError, match=r"form='linear' is invalid for kind 'standard'"):
+        K.attention_core("standard", q, k, v, form="linear")
+    F, W = K.feature_dim("slay", 16, **K.budget_params("slay", "paper")), 2 * 32 + 16  # F = R·P·M, quadratic width R·M + P
+    assert F == 1024 and K.feature_dim("slay", 16) == K.FEATURES_PER_HEAD_DIM * 16
+    for segments in (False, True):
+        assert K.choose_form(128, F, 16, width=W, segments=segments) == "quadratic"
+        assert K.choose_form(1 << 14, F, 16, width=W, segments=segments) == "linear"
+    assert K.choose_form(128, 64, 16, scaled=True) == "linear"  # performer, unpacked: Σφ(k)vᵀ is cheap
+    c = K.form_costs(128, F, 16, width=W, segments=True)
+    assert c["quadratic"] < c["linear"] / 3
+
+
+def test_fused_slay_features_match_per_node_blocks():
+    "The fused feature map (one projection u·ω, one broadcast) equals per-node blocks √w_r (poly ⊗ prf_r), in float64."
+    (q, _, _), _, _, _ = _inputs()
+    p = dict(K.small_params("slay"), num_quad_nodes=3)
+    st = K.init_state("slay", 2, 8, seed=1, **p)
+    u = q / np.sqrt((q * q).sum(-1, keepdims=True) + K.UNIT_NORM_EPS)
+    s, w = K.laguerre_nodes(3, p["epsilon"])
+    proj = np.einsum("bhld,hdm->bhlm", u, st["anchors"].astype(np.float64))
+    poly = proj ** 2 / np.sqrt(proj.shape[-1])
+    blocks = []
+    for s_r, w_r in zip(s, w):
+        e = np.clip(np.sqrt(2 * s_r) * np.einsum("bhld,hdm->bhlm", u, st["omega"].astype(np.float64)) - s_r, -30, 30)
+        prf = np.exp(e) / np.sqrt(st["omega"].shape[-1])
+        blocks.append(np.sqrt(w_r) * (poly[..., :, None] * prf[..., None, :]).reshape(*poly.shape[:3], -1))
+    ctx = K.FeatureContext(np, "query", None, None, False, 7)
+    got = K.get_kind("slay").features(q, {n: a.astype(np.float64) for n, a in st.items()}, p, ctx)
+    np.testing.assert_allclose(got, np.concatenate(blocks, -1), rtol=1e-12, atol=1e-15)

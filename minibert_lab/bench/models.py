@@ -14,10 +14,12 @@ from .harness import (Case, Sweep, SweepResult, model_train_flops, markdown_tabl
 
 # %% auto #0
 __all__ = ['MODEL_BENCH', 'MODEL_BENCH_BATCH', 'MODEL_BENCH_LENGTH', 'MASK_FRACTION', 'MODEL_BENCH_DROPOUT', 'MODEL_BENCH_LR',
-           'MODEL_NAMES', 'MODELS_SWEEP', 'model_bench_config', 'hf_bert_config', 'mlm_batch', 'models_table',
-           'bench_models', 'models_figure', 'models_report']
+           'MODEL_NAMES', 'MODELS_SWEEP', 'SLAY_STEP_KINDS', 'SLAY_STEP_PACKING', 'SLAY_STEP_DOCS', 'SLAY_STEP_PRESET',
+           'SLAY_STEP_SWEEP', 'model_bench_config', 'hf_bert_config', 'mlm_batch', 'models_table', 'bench_models',
+           'models_figure', 'models_report', 'packed_mlm_batch', 'slay_step_table', 'bench_slay_step',
+           'slay_step_report']
 
-# %% ../../nbs/53_bench_models.ipynb #d7fe0ff4
+# %% ../../nbs/53_bench_models.ipynb #0995eadc
 MODEL_BENCH = dict(dim=256, depth=4, heads=4, ffn_dim=1024, vocab_size=8192, max_len=128)
 MODEL_BENCH_BATCH, MODEL_BENCH_LENGTH, MASK_FRACTION, MODEL_BENCH_DROPOUT = 32, 128, 0.15, 0.1
 MODEL_BENCH_LR = 1e-4
@@ -54,19 +56,11 @@ def mlm_batch(batch: int, length: int, vocab: int, mask_fraction: float = MASK_F
     labels = np.full(batch * length, -100); labels[pos] = ids.reshape(-1)[pos]
     return dict(input_ids=ids, attention_mask=np.ones_like(ids), labels=labels.reshape(batch, length))
 
-def _measure_model(model: str, device: str = "cpu", batch: int = MODEL_BENCH_BATCH, length: int = MODEL_BENCH_LENGTH,
-                   **sizes) -> Case:
+def _step_case(net, cfg, b: dict, device: str, batch: int, length: int) -> Case:
+    "A `Case` timing one AdamW training step of `net` on the numpy batch `b` (one step run first)."
     import torch
-    cfg = model_bench_config(model, **sizes)
-    torch.manual_seed(0)
-    if model == "hf-bert":
-        from transformers import BertForMaskedLM
-        net = BertForMaskedLM(hf_bert_config(cfg))
-    else:
-        from minibert_lab.torch.models import MiniBERTForMaskedLM
-        net = MiniBERTForMaskedLM(cfg)
     net = net.to(device).train()
-    b = {k: torch.as_tensor(v, device=device) for k, v in mlm_batch(batch, length, cfg.vocab_size).items()}
+    b = {k: torch.as_tensor(v, device=device) for k, v in b.items()}
     if cfg.type_vocab_size: b["token_type_ids"] = torch.zeros_like(b["input_ids"])
     opt = torch.optim.AdamW(net.parameters(), lr=MODEL_BENCH_LR)
     sync = torch_sync(device)
@@ -81,6 +75,19 @@ def _measure_model(model: str, device: str = "cpu", batch: int = MODEL_BENCH_BAT
                 memory_method="torch-cuda" if device == "cuda" else "torch-profiler", framework="torch",
                 info=dict(params_m=nparams / 1e6, batch=batch, length=length, predicted=predicted))
 
+def _measure_model(model: str, device: str = "cpu", batch: int = MODEL_BENCH_BATCH, length: int = MODEL_BENCH_LENGTH,
+                   **sizes) -> Case:
+    import torch
+    cfg = model_bench_config(model, **sizes)
+    torch.manual_seed(0)
+    if model == "hf-bert":
+        from transformers import BertForMaskedLM
+        net = BertForMaskedLM(hf_bert_config(cfg))
+    else:
+        from minibert_lab.torch.models import MiniBERTForMaskedLM
+        net = MiniBERTForMaskedLM(cfg)
+    return _step_case(net, cfg, mlm_batch(batch, length, cfg.vocab_size), device, batch, length)
+
 MODELS_SWEEP = Sweep("models", {"model": MODEL_NAMES}, _measure_model, repeats=10, warmup=2,
                      description="MLM training step (fwd+bwd+AdamW), interleaved: MiniBERTForMaskedLM vs HF BertForMaskedLM")
 
@@ -91,16 +98,19 @@ def models_table(res: SweepResult, baseline: str = "hf-bert") -> list[dict]:
                  tokens_per_s=r["batch"] * r["length"] / r["median_s"], mfu=r.get("peak_fraction"),
                  peak_mib=r.get("peak_mib"), speedup=base["median_s"] / r["median_s"]) for r in res.rows]
 
-# %% ../../nbs/53_bench_models.ipynb #77085944
+# %% ../../nbs/53_bench_models.ipynb #ac6a0336
+def _run_steps(sweep: Sweep, table, sizes_meta: dict, quick: bool, device: str, progress: bool, **sizes) -> SweepResult:
+    "Run a training-step `sweep` interleaved (3 rounds when `quick`); its meta gets `table(res)` and the sizes."
+    sweep = dataclasses.replace(sweep, repeats=3 if quick else sweep.repeats, warmup=1 if quick else sweep.warmup)
+    res = run_sweep(sweep, device, frameworks=("torch",), interleave=True, progress=progress, **sizes)
+    res.meta["table"] = table(res)
+    res.meta["sizes"] = sizes_meta | sizes
+    return res
+
 def bench_models(quick: bool = False, device: str = "cpu", progress: bool = False, **sizes) -> SweepResult:
     "Run the `models` table (interleaved training steps); `quick` uses fewer repeats."
-    sweep = dataclasses.replace(MODELS_SWEEP, repeats=3 if quick else MODELS_SWEEP.repeats,
-                                warmup=1 if quick else MODELS_SWEEP.warmup)
-    res = run_sweep(sweep, device, frameworks=("torch",), interleave=True, progress=progress, **sizes)
-    res.meta["table"] = models_table(res)
-    res.meta["sizes"] = MODEL_BENCH | dict(batch=MODEL_BENCH_BATCH, length=MODEL_BENCH_LENGTH, mask_fraction=MASK_FRACTION,
-                                           dropout=MODEL_BENCH_DROPOUT) | sizes
-    return res
+    return _run_steps(MODELS_SWEEP, models_table, MODEL_BENCH | dict(batch=MODEL_BENCH_BATCH, length=MODEL_BENCH_LENGTH,
+                      mask_fraction=MASK_FRACTION, dropout=MODEL_BENCH_DROPOUT), quick, device, progress, **sizes)
 
 def models_figure(res: SweepResult):
     "Bar chart of training throughput (tokens/s) per model, with the speed-up over Hugging Face as text."
@@ -122,3 +132,54 @@ def models_report(res: SweepResult) -> tuple[str, list]:
 
 register_benchmark("models", bench_models, models_report,
                    "training-step throughput and MFU: MiniBERT vs Hugging Face BERT")
+
+# %% ../../nbs/53_bench_models.ipynb #1e9dc7c2
+SLAY_STEP_KINDS = ("standard", "slay")        # softmax (fused) against SLAY (registry defaults, form "auto")
+SLAY_STEP_PACKING = ("unpacked", "packed")
+SLAY_STEP_DOCS = 4                             # documents per packed row (equal lengths, positions restart)
+SLAY_STEP_PRESET = "tiny"                      # the lab's setting: ModelConfig.preset("tiny")
+
+def packed_mlm_batch(batch: int, length: int, vocab: int, docs: int = SLAY_STEP_DOCS, seed: int = 0) -> dict:
+    "`mlm_batch` whose rows each pack `docs` documents: `segment_ids` 1..docs as contiguous runs, positions restarting."
+    if not isinstance(docs, int) or not 1 <= docs <= length:
+        raise ValueError(f"docs={docs!r} is invalid; allowed: an integer from 1 to length={length}")
+    b = mlm_batch(batch, length, vocab, seed=seed)
+    seg = np.arange(length) * docs // length + 1  # [L] 1, 1, ..., docs
+    pos = np.arange(length) - np.searchsorted(seg, seg)  # [L] position inside the document
+    return b | dict(segment_ids=np.tile(seg, (batch, 1)), position_ids=np.tile(pos, (batch, 1)))
+
+def _measure_slay_step(kind: str, packing: str, device: str = "cpu", batch: int = MODEL_BENCH_BATCH,
+                       length: int = MODEL_BENCH_LENGTH, **sizes) -> Case:
+    import torch
+    from minibert_lab.config import ModelConfig
+    from minibert_lab.torch.models import MiniBERTForMaskedLM
+    cfg = ModelConfig.preset(SLAY_STEP_PRESET, **(dict(max_len=length) | sizes), attention=dict(kind=kind))
+    torch.manual_seed(0)
+    make = packed_mlm_batch if packing == "packed" else mlm_batch
+    return _step_case(MiniBERTForMaskedLM(cfg), cfg, make(batch, length, cfg.vocab_size), device, batch, length)
+
+SLAY_STEP_SWEEP = Sweep("slay-step", {"kind": SLAY_STEP_KINDS, "packing": SLAY_STEP_PACKING}, _measure_slay_step,
+                        repeats=10, warmup=2, description="tiny-preset MLM training step, softmax vs SLAY, "
+                        "unpacked and packed rows, interleaved")
+
+def slay_step_table(res: SweepResult) -> list[dict]:
+    "Rows of the `slay-step` table: step time and the ratio to softmax's step with the same packing."
+    base = {r["packing"]: r["median_s"] for r in res.rows if r["kind"] == "standard"}
+    return [dict(kind=r["kind"], packing=r["packing"], step_ms=1e3 * r["median_s"], iqr_ms=1e3 * r["iqr_s"],
+                 peak_mib=r.get("peak_mib"), ratio=r["median_s"] / base[r["packing"]]) for r in res.rows]
+
+def bench_slay_step(quick: bool = False, device: str = "cpu", progress: bool = False, **sizes) -> SweepResult:
+    "Run the `slay-step` table (interleaved training steps); `quick` uses fewer repeats."
+    return _run_steps(SLAY_STEP_SWEEP, slay_step_table, dict(preset=SLAY_STEP_PRESET, batch=MODEL_BENCH_BATCH,
+                      length=MODEL_BENCH_LENGTH, docs=SLAY_STEP_DOCS, mask_fraction=MASK_FRACTION), quick, device,
+                      progress, **sizes)
+
+def slay_step_report(res: SweepResult) -> tuple[str, list]:
+    "Markdown table of the `slay-step` table, with SLAY's ratios to softmax in words."
+    t = res.meta.get("table") or slay_step_table(res)
+    r = {x["packing"]: x["ratio"] for x in t if x["kind"] == "slay"}
+    return markdown_table(t) + (f"\nSLAY step / softmax step: **{r['unpacked']:.2f}×** unpacked, "
+                                f"**{r['packed']:.2f}×** packed.\n"), []
+
+register_benchmark("slay-step", bench_slay_step, slay_step_report,
+                   "SLAY vs softmax tiny-preset MLM training step, unpacked and packed")

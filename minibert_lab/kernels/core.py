@@ -17,22 +17,26 @@ from array_api_compat import array_namespace
 
 # %% auto #0
 __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHUNK_SIZE', 'ROPE_THETA', 'DEFAULT_COS_MAX_LEN',
-           'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS', 'ATTENTION_TYPES', 'FAST_LINEAR_SUMS',
+           'FEATURES_PER_HEAD_DIM', 'FEATURE_BUDGETS', 'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS',
+           'ATTENTION_TYPES', 'FAST_LINEAR_SUMS', 'FORMS', 'FORM_MEMORY_WEIGHT', 'FORM_BUILD_WEIGHT',
            'CACHE_MIN_BUCKET', 'positive_den_floor', 'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask',
            'visibility_mask', 'is_concrete', 'validate_masks', 'Param', 'KernelSpec', 'register_kind',
            'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params', 'is_exact', 'target_kernel',
-           'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position', 'FeatureContext',
-           'laguerre_nodes', 'nystrom_whitening', 'init_state', 'registry_table', 'chunked_prefix_sums', 'linear_sums',
-           'state_names', 'attention_core', 'DecodeContext', 'cache_bucket', 'kv_cache_step', 'recurrent_state_step',
-           'decode_attention', 'cache_nbytes']
+           'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position', 'budget_params',
+           'equal_budget_params', 'FeatureContext', 'laguerre_nodes', 'factor_features', 'slay_num_features',
+           'nystrom_whitening', 'init_state', 'registry_table', 'chunked_prefix_sums', 'linear_sums', 'form_costs',
+           'choose_form', 'state_names', 'attention_core', 'DecodeContext', 'cache_bucket', 'kv_cache_step',
+           'recurrent_state_step', 'decode_attention', 'cache_nbytes']
 
-# %% ../../nbs/10_kernels.ipynb #00660781
+# %% ../../nbs/10_kernels.ipynb #ab4d4c63
 UNIT_NORM_EPS = 1e-12      # added to ‖x‖² before the square root when projecting onto the unit sphere (finite grad at 0)
 DENOMINATOR_EPS = 1e-6     # signed-feature kinds: |denominator| is clamped to at least this, keeping its sign (0 -> +)
 PRF_EXPONENT_CLIP = 30.0   # SLAY positive random features: exponent clipped to [-clip, clip] before exp
 DEFAULT_CHUNK_SIZE = 64    # chunk length of the causal prefix sums when the caller gives none
 ROPE_THETA = 10000.0       # default RoPE base
 DEFAULT_COS_MAX_LEN = 512  # cosformer's position range M (its weights cos(π(i-j)/2M) need |i - j| < M)
+FEATURES_PER_HEAD_DIM = 8  # SLAY kinds' default feature budget: F = 8·D features per head (D = 16: 128, D = 64: 512)
+FEATURE_BUDGETS = dict(paper=1024)  # named budgets F per head: the SLAY paper's R = 2 nodes × P = 16 × M = 32
 
 # %% ../../nbs/10_kernels.ipynb #e4157c08
 def _dev(x) -> dict:
@@ -217,7 +221,7 @@ def validate_masks(attention_mask=None, # [B, L] 0/1 or bool
             raise ValueError(f"{pre}attention_mask{list(i)}={am[i].item()!r} but segment_ids{list(i)}={int(sg[i])}: the masks "
                              "disagree; allowed: a token is real (mask 1) exactly when its segment is not 0, or give one of them")
 
-# %% ../../nbs/10_kernels.ipynb #c21483b1
+# %% ../../nbs/10_kernels.ipynb #2d6d2989
 @dataclass(frozen=True)
 class Param:
     "One parameter of an attention kind (or module): default, type and allowed values."
@@ -300,6 +304,8 @@ class KernelSpec:
     score: Callable | None = None              # exact kinds: (xp, q, k, params) -> scores [B, H, L, L]
     normalize: str | None = None               # exact kinds: one of NORMALIZATIONS, or None: `params["normalize"]`
     features: Callable | None = None           # feature kinds: (x, state, params, ctx) -> φ [B, H, L, F] (keys may add log-scales)
+    factors: Callable | None = None            # feature kinds whose φ is `factor_features(a, b)`: (x, state, params, ctx) ->
+                                               #   (a [B, H, L, P] | None, b [B, H, L, R, M]); the quadratic form never builds φ
     reference: Callable | None = None          # float64 numpy naive form: exact (q, k, params) -> S; feature
                                                #   (q, k, state, params, positions) -> kernel matrix K [B, H, L, L]
     positive: bool = True                      # features (or scores) are non-negative (else: signed denominator guard)
@@ -363,12 +369,15 @@ def _check_spec(spec: KernelSpec):
                 raise _spec_error(n, f"normalize=None needs a 'normalize' parameter with choices among {NORMALIZATIONS}")
         elif spec.normalize not in NORMALIZATIONS:
             raise _spec_error(n, f"normalize={spec.normalize!r} is invalid; allowed: {', '.join(NORMALIZATIONS)}")
+        if spec.factors is not None: raise _spec_error(n, "factors= needs a feature-map kind")
         if spec.fused_softmax and spec.normalize != "softmax":
             raise _spec_error(n, "fused_softmax=True needs normalize='softmax'")
     else:
         if spec.normalize is not None:
             raise _spec_error(n, f"normalize={spec.normalize!r} is invalid for a feature map (always φ(q)·Σφ(k) normalised); allowed: None")
         if not callable(spec.feature_dim): raise _spec_error(n, "feature_dim= is missing; allowed: (head_dim, params) -> F")
+        if spec.factors is not None and not callable(spec.factors):
+            raise _spec_error(n, f"factors={spec.factors!r} is invalid; allowed: None or (x, state, params, ctx) -> (a, b)")
         if spec.fused_softmax: raise _spec_error(n, "fused_softmax=True needs an exact kind")
     if spec.target is not None and spec.target not in TARGETS:
         raise _spec_error(n, f"target={spec.target!r} is invalid; allowed: None, {', '.join(TARGETS)}")
@@ -460,7 +469,44 @@ def max_position(kind: str, **params) -> int | None:
     spec = get_kind(kind)
     return None if spec.max_position is None else int(spec.max_position(resolve_params(kind, params)))
 
-# %% ../../nbs/10_kernels.ipynb #2f201771
+# %% ../../nbs/10_kernels.ipynb #762a5f5b
+def budget_params(kind: str, # a kind with random features (a `num_features` parameter)
+                  budget: int | str, # features per head F, or a name: "default" (FEATURES_PER_HEAD_DIM·D) or one of FEATURE_BUDGETS
+                  head_dim: int | None = None, # D (needed by "default")
+                  **params, # the kind's other parameters
+                 ) -> dict:
+    "The kind's parameters giving `budget` features per head (M = F / (features per random feature))."
+    p = resolve_params(kind, params)
+    if "num_features" not in p or get_kind(kind).exact:
+        raise ValueError(f"kind={kind!r} has no feature budget; allowed: "
+                         f"{', '.join(k for k in KERNELS if 'num_features' in KERNELS[k].defaults)}")
+    if budget == "default":
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
+            raise ValueError(f"head_dim={head_dim!r} is invalid with budget='default'; allowed: an integer >= 1")
+        budget = FEATURES_PER_HEAD_DIM * head_dim
+    elif isinstance(budget, str):
+        if budget not in FEATURE_BUDGETS:
+            raise ValueError(f"budget={budget!r} is invalid; allowed: an integer, 'default', "
+                             f"{', '.join(repr(b) for b in FEATURE_BUDGETS)}")
+        budget = FEATURE_BUDGETS[budget]
+    per = get_kind(kind).feature_dim(1, dict(p, num_features=1))  # features per random feature
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < per:
+        raise ValueError(f"num_features={budget!r} is invalid for kind {kind!r}; allowed: a multiple of {per}")
+    p["num_features"] = budget // per
+    return p
+
+def equal_budget_params(kinds, # kinds with random features
+                        budget: int | str = "default", # as in `budget_params`
+                        head_dim: int | None = None, # D
+                       ) -> dict:
+    "`{kind: params}` giving every kind the same features per head F (ValueError if one cannot reach F exactly)."
+    out = {k: budget_params(k, budget, head_dim) for k in kinds}
+    Fs = {k: get_kind(k).feature_dim(head_dim or 1, p) for k, p in out.items()}
+    if len(set(Fs.values())) > 1:
+        raise ValueError(f"budget={budget!r} is invalid for an equal-budget comparison of {list(kinds)}: the features "
+                         f"per head would be {Fs}; allowed: a multiple of every kind's R·P")
+    return out
+
 def _mT(xp, x): return xp.matrix_transpose(x)
 
 def _score_dot(xp, q, k, params):
@@ -584,7 +630,7 @@ def _ref_rff(q, k, st, p, pos):
                                                      + ph[None, :, None, :])
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
-# %% ../../nbs/10_kernels.ipynb #27f1dcfe
+# %% ../../nbs/10_kernels.ipynb #50923e87
 @functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
@@ -597,9 +643,10 @@ def laguerre_nodes(num_nodes: int, # R
     return t, a
 
 def _prf(xp, u, omega, s):
-    "Positive random features of e^{2 s û·k̂}: exp(√(2s) ωᵀû − s)/√M, exponent clipped."
-    e = math.sqrt(2.0 * s) * (u @ omega) - s  # [B, H, L, M]
-    e = xp.clip(e, min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)
+    "Positive random features of e^{2 s û·k̂} at nodes `s` [R]: exp(√(2s_r) ωᵀû − s_r)/√M `[B, H, L, R, M]`, exponent clipped."
+    proj = (u @ omega)[..., None, :]  # [B, H, L, 1, M], one projection shared by every node
+    s = _as_array(xp, np.asarray(s, np.float64).reshape(-1, 1), u, u.dtype)  # [R, 1]
+    e = xp.clip(xp.sqrt(2 * s) * proj - s, min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)  # [B, H, L, R, M]
     return xp.exp(e) / math.sqrt(omega.shape[-1])
 
 def _ref_prf_kernel(qu, ku, omega, s):
@@ -628,22 +675,30 @@ def _poly_nystrom(xp, u, state):
     kA = u @ state["landmarks"]  # [B, H, L, P]
     return (kA * kA) @ state["landmark_whitening"]  # [B, H, L, P]
 
-def _slay_features(poly, laplace=False):
-    def features(x, state, params, ctx):
+def _slay_factors(poly, laplace=False):
+    "SLAY's features as factors `(a, b)`: poly block a `[B, H, L, P]` (None: none) and √w_r-scaled PRFs b `[B, H, L, R, M]`."
+    def factors(x, state, params, ctx):
         xp = ctx.xp
         u = _unit(xp, x)  # [B, H, L, D]
         s, w = laguerre_nodes(params["num_quad_nodes"], params["epsilon"])
         if laplace: w = w * (2.0 + params["epsilon"]) ** 2 / 4  # α_r · C / 4
-        pb = None if poly is None else poly(xp, u, state)  # [B, H, L, P]
-        blocks = []
-        for s_r, w_r in zip(s.tolist(), w.tolist()):
-            f = _prf(xp, u, state["omega"], s_r)  # [B, H, L, M]
-            if pb is not None:
-                B_, H_, L_, P_ = pb.shape
-                f = xp.reshape(pb[..., :, None] * f[..., None, :], (B_, H_, L_, P_ * f.shape[-1]))  # [B, H, L, P*M]
-            blocks.append(math.sqrt(w_r) * f)
-        return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=-1)  # [B, H, L, R*P*M]
-    return features
+        b = _prf(xp, u, state["omega"], s) * _as_array(xp, np.sqrt(w).reshape(-1, 1), u, u.dtype)  # [B, H, L, R, M]
+        return (None if poly is None else poly(xp, u, state)), b
+    return factors
+
+def factor_features(a, # polynomial block [B, H, L, P], or None
+                    b, # per-node random features [B, H, L, R, M]
+                   ):
+    "φ `[B, H, L, R·P·M]` of factors: node r's block is a ⊗ b_r, built in one broadcast and one reshape."
+    xp = array_namespace(b)
+    B, H, L, R, M = b.shape
+    if a is None: return xp.reshape(b, (B, H, L, R * M))
+    return xp.reshape(a[..., None, :, None] * b[..., :, None, :], (B, H, L, R * a.shape[-1] * M))  # [B, H, L, R, P, M]
+
+def _slay_maps(poly, laplace=False):
+    "A SLAY kind's `features` and `factors` entries (φ is built from the factors)."
+    factors = _slay_factors(poly, laplace)
+    return dict(features=lambda x, state, params, ctx: factor_features(*factors(x, state, params, ctx)), factors=factors)
 
 def _ref_poly_anchor(u, st):
     a = np.einsum("bhld,hdp->bhlp", u, st["anchors"])
@@ -672,7 +727,7 @@ def _ref_slay(poly=None, laplace=False):
         return np.einsum("bhip,bhjp->bhij", poly(qu, st), poly(ku, st)) * quad
     return reference
 
-# %% ../../nbs/10_kernels.ipynb #4a2af7e1
+# %% ../../nbs/10_kernels.ipynb #21afaccf
 def _orthogonal_gaussian(rng, heads, D, M):
     "`[H, D, M]` blocks of orthonormal columns (QR of Gaussians), columns rescaled to chi-distributed norms."
     out = np.empty((heads, D, M))
@@ -697,12 +752,19 @@ def _draw_rff(rng, heads, D, p):
     M = p["num_features"]
     return dict(omega=rng.standard_normal((heads, D, M)), phase=rng.uniform(0.0, 2 * np.pi, (heads, M)))
 
+def slay_num_features(head_dim: int, # D
+                      params: dict, # a SLAY kind's resolved parameters
+                     ) -> int:
+    "M, random features per node: `params['num_features']`, or (None) the default budget's share FEATURES_PER_HEAD_DIM·D / (R·P)."
+    if params["num_features"] is not None: return params["num_features"]
+    return max(1, FEATURES_PER_HEAD_DIM * head_dim // (params["num_quad_nodes"] * params.get("num_poly_features", 1)))
+
 def _draw_slay_anchor(rng, heads, D, p):
     return dict(anchors=_unit_columns(rng, heads, D, p["num_poly_features"]),
-                omega=rng.standard_normal((heads, D, p["num_features"])))
+                omega=rng.standard_normal((heads, D, slay_num_features(D, p))))
 
 def _draw_slay_laplace(rng, heads, D, p):
-    return dict(omega=rng.standard_normal((heads, D, p["num_features"])))
+    return dict(omega=rng.standard_normal((heads, D, slay_num_features(D, p))))
 
 def _count_sketch(rng, heads, D, P):
     "Dense `[H, D, P]` count-sketch matrix: one ±1 per input coordinate at a hashed output bucket."
@@ -715,12 +777,12 @@ def _count_sketch(rng, heads, D, P):
 def _draw_slay_tensor(rng, heads, D, p):
     P = p["num_poly_features"]
     return dict(sketch_1=_count_sketch(rng, heads, D, P), sketch_2=_count_sketch(rng, heads, D, P),
-                omega=rng.standard_normal((heads, D, p["num_features"])))
+                omega=rng.standard_normal((heads, D, slay_num_features(D, p))))
 
 def _draw_slay_rm(rng, heads, D, p):
     P = p["num_poly_features"]
     return dict(rademacher_1=rng.choice([-1.0, 1.0], (heads, D, P)), rademacher_2=rng.choice([-1.0, 1.0], (heads, D, P)),
-                omega=rng.standard_normal((heads, D, p["num_features"])))
+                omega=rng.standard_normal((heads, D, slay_num_features(D, p))))
 
 def nystrom_whitening(landmarks: np.ndarray, # [H, D, P] unit landmark columns
                       ridge: float, # λ added to K_AA's diagonal
@@ -735,18 +797,19 @@ def nystrom_whitening(landmarks: np.ndarray, # [H, D, P] unit landmark columns
 def _draw_slay_nystrom(rng, heads, D, p):
     A = _unit_columns(rng, heads, D, p["num_poly_features"])
     return dict(landmarks=A, landmark_whitening=nystrom_whitening(A, p["ridge"]),
-                omega=rng.standard_normal((heads, D, p["num_features"])))
+                omega=rng.standard_normal((heads, D, slay_num_features(D, p))))
 
-# %% ../../nbs/10_kernels.ipynb #8394392d
+# %% ../../nbs/10_kernels.ipynb #bc54f7e4
 def _p_features(default): return Param(default, int, low=1, small=8, doc="random features M per quadrature node")
 def _p_epsilon(): return Param(1e-3, float, low=0, low_open=True, doc="ε of the Yat kernel (C = 2 + ε)")
-def _slay_params(num_quad_nodes=2, num_features=32, poly=True, **extra):
+def _slay_params(num_quad_nodes=2, poly=True, **extra):
     p = dict(num_quad_nodes=Param(num_quad_nodes, int, low=1, small=2, doc="Gauss–Laguerre nodes R"))
     if poly: p["num_poly_features"] = Param(16, int, low=1, small=4, doc="polynomial features P")
-    return dict(p, num_features=_p_features(num_features), epsilon=_p_epsilon(), **extra)
-def _slay_dim(D, p): return p["num_quad_nodes"] * p.get("num_poly_features", 1) * p["num_features"]
+    m = Param(None, int, low=1, optional=True, small=8, doc="random features M per node (None: FEATURES_PER_HEAD_DIM·D / (R·P))")
+    return dict(p, num_features=m, epsilon=_p_epsilon(), **extra)
+def _slay_dim(D, p): return p["num_quad_nodes"] * p.get("num_poly_features", 1) * slay_num_features(D, p)
 def _slay_width(poly_width):
-    return lambda D, p: p["num_quad_nodes"] * p["num_features"] + poly_width(D, p)  # PRF projections + polynomial block's
+    return lambda D, p: p["num_quad_nodes"] * slay_num_features(D, p) + poly_width(D, p)  # PRF projections + polynomial block's
 
 for _spec in [
     KernelSpec(name="rotary", score=_score_dot, normalize="softmax", reference=_ref_dot, always_rope=True,
@@ -776,31 +839,31 @@ for _spec in [
                                                  normalize=Param("softmax", str, choices=NORMALIZATIONS)),
                score=_score_yat_spherical, reference=_ref_yat_spherical, family="yat",
                summary="x² / (C − 2x) on unit vectors"),
-    KernelSpec(name="slay", params=_slay_params(), features=_slay_features(_poly_anchor),
+    KernelSpec(name="slay", params=_slay_params(), **_slay_maps(_poly_anchor),
                reference=_ref_slay(_ref_poly_anchor), target="spherical-yat", draw_state=_draw_slay_anchor,
                feature_dim=_slay_dim, map_width=_slay_width(lambda D, p: p["num_poly_features"]), family="slay",
                summary="anchor ⊗ PRF, Laguerre quadrature"),
-    KernelSpec(name="slay-tensor", params=_slay_params(), features=_slay_features(_poly_tensor),
+    KernelSpec(name="slay-tensor", params=_slay_params(), **_slay_maps(_poly_tensor),
                reference=_ref_slay(_ref_poly_tensor), positive=False, target="spherical-yat",
                draw_state=_draw_slay_tensor, feature_dim=_slay_dim,
                map_width=_slay_width(lambda D, p: 2 * p["num_poly_features"]), family="slay",
                summary="TensorSketch ⊗ PRF"),
-    KernelSpec(name="slay-laplace", params=_slay_params(poly=False), features=_slay_features(None, laplace=True),
+    KernelSpec(name="slay-laplace", params=_slay_params(poly=False), **_slay_maps(None, laplace=True),
                reference=_ref_slay(None, laplace=True), target="spherical-yat", draw_state=_draw_slay_laplace,
                feature_dim=_slay_dim, map_width=_slay_width(lambda D, p: 0), family="slay",
                summary="PRF only (no x² block)"),
-    KernelSpec(name="slay-rm", params=_slay_params(), features=_slay_features(_poly_rm),
+    KernelSpec(name="slay-rm", params=_slay_params(), **_slay_maps(_poly_rm),
                reference=_ref_slay(_ref_poly_rm), positive=False, target="spherical-yat", draw_state=_draw_slay_rm,
                feature_dim=_slay_dim, map_width=_slay_width(lambda D, p: 2 * p["num_poly_features"]), family="slay",
                summary="Random Maclaurin ⊗ PRF"),
     KernelSpec(name="slay-nystrom", params=_slay_params(ridge=Param(1e-3, float, low=0, low_open=True,
                                                                       doc="ridge λ of the landmark kernel")),
-               features=_slay_features(_poly_nystrom), reference=_ref_slay(_ref_poly_nystrom), positive=False,
+               **_slay_maps(_poly_nystrom), reference=_ref_slay(_ref_poly_nystrom), positive=False,
                target="spherical-yat", draw_state=_draw_slay_nystrom, feature_dim=_slay_dim,
                map_width=_slay_width(lambda D, p: p["num_poly_features"] + -(-p["num_poly_features"] ** 2 // D)),
                family="slay", summary="Nyström landmarks ⊗ PRF"),
-    KernelSpec(name="slay-anchor", params=_slay_params(num_quad_nodes=1, num_features=8),
-               features=_slay_features(_poly_anchor), reference=_ref_slay(_ref_poly_anchor), target="spherical-yat",
+    KernelSpec(name="slay-anchor", params=_slay_params(num_quad_nodes=1),
+               **_slay_maps(_poly_anchor), reference=_ref_slay(_ref_poly_anchor), target="spherical-yat",
                draw_state=_draw_slay_anchor, feature_dim=_slay_dim,
                map_width=_slay_width(lambda D, p: p["num_poly_features"]), family="slay",
                summary="anchor ⊗ PRF, one node"),
@@ -961,7 +1024,7 @@ def linear_sums(fq, # φ(q) [B, H, L, F]
     r = xp.maximum(rf, rb)  # [B, H, L] common scale of both halves
     return fwd * xp.exp(rf - r)[..., None] + bwd * xp.exp(rb - r)[..., None]
 
-# %% ../../nbs/10_kernels.ipynb #6be3e350
+# %% ../../nbs/10_kernels.ipynb #aba37da6
 def _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, exact, kind):
     for n, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4: raise ValueError(f"{n} has shape {tuple(a.shape)}; allowed: [B, H, L, D]")
@@ -980,6 +1043,57 @@ def _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, ex
                              f"an exact kind: {', '.join(k for k in KERNELS if is_exact(k))})")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise ValueError(f"window={window!r} is invalid; allowed: None or an integer >= 0")
+
+FORMS = ("auto", "linear", "quadratic")  # how a feature kind sums over keys (see `form_costs`)
+FORM_MEMORY_WEIGHT = 8     # FLOPs charged per element of a forward intermediate (memory traffic, small ops)
+FORM_BUILD_WEIGHT = 160    # FLOPs charged per element of φ built as an outer product a ⊗ b (broadcasts, their reductions)
+
+def _check_form(form, spec):
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is invalid; allowed: {', '.join(repr(f) for f in FORMS)}")
+    if spec.exact and form == "linear":
+        raise ValueError(f"form='linear' is invalid for kind {spec.name!r} (exact: it builds L×L scores); allowed: 'auto', 'quadratic'")
+
+def form_costs(length: int, # L
+               features: int, # F, the feature width of the linear form
+               value_dim: int, # E (values' width; the core appends a column of ones)
+               *,
+               width: int | None = None, # inner width of the quadratic form (factored maps: R·M + P); None: F, no factors
+               causal: bool = False, # prefix sums
+               segments: bool = False, # packed documents (segment ids)
+               chunk_size: int = DEFAULT_CHUNK_SIZE, # C of the chunked prefix sums
+               scaled: bool = False, # keys carry log-scales (performer)
+              ) -> dict:
+    "Modelled forward cost per (sequence, head) of each form: FLOPs + weighted elements of its intermediates."
+    L, F, E1 = int(length), int(features), int(value_dim) + 1
+    factored = width is not None and int(width) != F
+    Wd = int(width) if factored else F
+    if not causal and not segments:
+        lin_flops, lin_mem = 4 * L * F * E1, F * E1 + L * E1
+    else:
+        C = max(1, min(int(chunk_size), L)); N = -(-L // C)
+        passes = 1 if causal else 2  # bidirectional with segments: a forward and a backward scan
+        lin_flops = passes * (2 * L * C * (F + E1) + 4 * L * F * E1 + 2 * N * N * F * E1)
+        lin_mem = passes * (N * C * C * (3 if scaled else 2) + 3 * N * F * E1 + L * E1)
+    lin = lin_flops + FORM_MEMORY_WEIGHT * lin_mem + (FORM_BUILD_WEIGHT if factored else FORM_MEMORY_WEIGHT) * 2 * L * F
+    quad_flops = 2 * L * L * (Wd + E1)
+    quad_mem = 2 * L * Wd + L * L * (2 + (2 if factored else 0) + (2 if scaled else 0)) + L * E1
+    return dict(linear=lin, quadratic=quad_flops + FORM_MEMORY_WEIGHT * quad_mem)
+
+def choose_form(length: int, features: int, value_dim: int, **kw) -> str:
+    "The cheaper form, 'linear' or 'quadratic', under `form_costs` (same arguments)."
+    c = form_costs(length, features, value_dim, **kw)
+    return "quadratic" if c["quadratic"] < c["linear"] else "linear"
+
+def _visible_kernel(xp, A, mask, lk):
+    "Kernel matrix `A` [B, H, L, L] zeroed outside `mask`; with key log-scales c: times exp(c_j − max of c over i's visible keys)."
+    if lk is None: return A if mask is None else xp.where(mask, A, xp.zeros_like(A))
+    low = float(xp.finfo(lk.dtype).min) / 2
+    c = lk[:, :, None, :]  # [B, H, 1, L]
+    vis = xp.ones((1, 1, 1, 1), dtype=xp.bool, **_dev(A)) if mask is None else mask  # [B|1, 1, L|1, L|1]
+    r = _masked_max(xp, c, vis, -1, low)  # [B, H, L|1, 1] row max over visible keys
+    r = xp.where(r > low, r, xp.zeros_like(r))  # rows that see no key
+    return A * _masked_exp(xp, c - r, vis)
 
 def state_names(kind: str, # attention kind
                 params: dict | None = None, # the kind's parameters (already resolved ones are fine)
@@ -1002,7 +1116,9 @@ def _state_arrays(xp, spec, state, like, heads, params):
         if a.shape[0] != heads: raise ValueError(f"state[{n!r}] has {a.shape[0]} heads; allowed: {heads} (q's heads)")
     return out
 
-def _features(xp, spec, q, k, state, params, tok, position_ids, causal):
+def _features(xp, spec, q, k, state, params, tok, position_ids, causal, fn=None):
+    "φ(q), φ(k) (or what `fn`, e.g. `spec.factors`, returns for each role)."
+    fn = fn or spec.features
     B, H, L, D = q.shape
     pos = None
     if spec.uses_positions:
@@ -1012,8 +1128,8 @@ def _features(xp, spec, q, k, state, params, tok, position_ids, causal):
             p = position_ids if position_ids.ndim == 2 else position_ids[None, :]  # [B|1, L]
             pos = xp.astype(p, cd)[:, None, :, None]  # [B|1, 1, L, 1]
     kv = None if tok is None else tok[:, None, :, None]  # [B, 1, L, 1]
-    fq = spec.features(q, state, params, FeatureContext(xp, "query", pos, kv, causal, L))  # [B, H, L, F]
-    fk = spec.features(k, state, params, FeatureContext(xp, "key", pos, kv, causal, L))  # [B, H, L, F]
+    fq = fn(q, state, params, FeatureContext(xp, "query", pos, kv, causal, L))  # [B, H, L, F]
+    fk = fn(k, state, params, FeatureContext(xp, "key", pos, kv, causal, L))  # [B, H, L, F]
     return fq, fk
 
 def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
@@ -1031,9 +1147,11 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
                    output_attentions: bool = False, # also return the (implied) weights [B, H, L, L]
                    weights_dropout=None, # callable applied to exact weights / linear outputs
                    chunk_size: int | None = None, # causal chunk length (default: params["chunk_size"] or 64)
+                   form: str = "auto", # feature kinds: "linear", "quadratic" or "auto" (cheaper by `form_costs`)
                   ):
     "Attention of `kind` on projected heads: `(out [B, H, L, Dv], weights [B, H, L, L] | None)`."
     spec = get_kind(kind)
+    _check_form(form, spec)
     p = resolve_params(kind, params)
     xp = array_namespace(q, k, v)
     _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, spec.exact, kind)
@@ -1054,25 +1172,45 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         if weights_dropout is not None: w = weights_dropout(w)
         return w @ v, (w if output_attentions else None)
     st = _state_arrays(xp, spec, state, q, H, p)
-    fq, fk = _features(xp, spec, q, k, st, p, tok, pid, causal)  # [B, H, L, F] each
-    lk = None
-    if isinstance(fk, tuple): fk, lk = fk  # [B, H, L, F], key log-scales [B, H, L]
-    if tok is not None: fk = xp.where(tok[:, None, :, None], fk, xp.zeros_like(fk))  # pads contribute nothing
+    fac = _features(xp, spec, q, k, st, p, tok, pid, causal, spec.factors) if spec.factors else None
+    if fac is None:
+        fq, fk = _features(xp, spec, q, k, st, p, tok, pid, causal)  # [B, H, L, F] each
+        lk = None
+        if isinstance(fk, tuple): fk, lk = fk  # [B, H, L, F], key log-scales [B, H, L]
+        F = W = fq.shape[-1]
+    else:
+        (aq, bq), (ak, bk) = fac  # [B, H, L, P] | None, [B, H, L, R, M]
+        lk, R, M = None, bq.shape[-2], bq.shape[-1]
+        P = 1 if aq is None else aq.shape[-1]
+        F, W = R * P * M, R * M + (0 if aq is None else P)
+    if form == "auto":
+        form = choose_form(L, F, v.shape[-1], width=W, causal=causal, segments=sg is not None, chunk_size=chunk_size,
+                           scaled=lk is not None)
     v1 = xp.concat([v, xp.ones((B, H, L, 1), dtype=v.dtype, **_dev(v))], axis=-1)  # [B, H, L, Dv+1]
-    tot = linear_sums(fq, fk, v1, sg, causal, chunk_size, key_log_scale=lk, key_valid=tok)  # [B, H, L, Dv+1]
+    mask = None
+    if form == "quadratic":
+        mask = visibility_mask(am, sg, causal, None, L, xp, like=q)  # [B|1, 1, L, L] or None
+        if fac is None: A = fq @ _mT(xp, fk)  # [B, H, L, L]
+        else:  # φ(q)·φ(k) = (a_q·a_k) Σ_r b_q,r·b_k,r: two thin products instead of one with F = R·P·M
+            A = xp.reshape(bq, (B, H, L, R * M)) @ _mT(xp, xp.reshape(bk, (B, H, L, R * M)))  # [B, H, L, L]
+            if aq is not None: A = A * (aq @ _mT(xp, ak))
+        A = _visible_kernel(xp, A, mask, lk)  # [B, H, L, L]
+        tot = A @ v1  # [B, H, L, Dv+1]
+    else:
+        if fac is not None: fq, fk = factor_features(aq, bq), factor_features(ak, bk)  # [B, H, L, F] each
+        if tok is not None: fk = xp.where(tok[:, None, :, None], fk, xp.zeros_like(fk))  # pads contribute nothing
+        tot = linear_sums(fq, fk, v1, sg, causal, chunk_size, key_log_scale=lk, key_valid=tok)  # [B, H, L, Dv+1]
     den = _guard_den(xp, tot[..., -1:], spec.positive)  # [B, H, L, 1]
     out = tot[..., :-1] / den  # [B, H, L, Dv]
     if tok is not None: out = xp.where(tok[:, None, :, None], out, xp.zeros_like(out))  # pad queries -> 0
     if weights_dropout is not None: out = weights_dropout(out)
     weights = None
     if output_attentions:
-        mask = visibility_mask(am, sg, causal, None, L, xp, like=q)
-        if lk is not None:  # rescale keys by exp(c_j - max c) over real keys (cancels in each row)
-            lv = lk if tok is None else xp.where(tok[:, None, :], lk, xp.full_like(lk, float(xp.finfo(lk.dtype).min) / 2))
-            fk = fk * xp.exp(lv - xp.max(lv, axis=-1, keepdims=True))[..., None]
-        K = fq @ _mT(xp, fk)  # [B, H, L, L] implied kernel matrix
-        if mask is not None: K = xp.where(mask, K, xp.zeros_like(K))
-        weights = K / _guard_den(xp, xp.sum(K, axis=-1, keepdims=True), spec.positive)
+        if form == "linear":
+            mask = visibility_mask(am, sg, causal, None, L, xp, like=q)
+            if tok is not None: lk = None if lk is None else xp.where(tok[:, None, :], lk, xp.full_like(lk, float(xp.finfo(lk.dtype).min) / 2))
+            A = _visible_kernel(xp, fq @ _mT(xp, fk), mask, lk)  # [B, H, L, L] implied kernel matrix
+        weights = A / _guard_den(xp, xp.sum(A, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
 # %% ../../nbs/10_kernels.ipynb #669b8fca
