@@ -15,10 +15,11 @@ from array_api_compat import array_namespace
 from .core import EXACT_MEMORY_PATHS, positive_den_floor
 
 # %% auto #0
-__all__ = ['BLOCK_SIZE', 'check_block_size', 'blockwise_attention', 'exact_variants']
+__all__ = ['BLOCK_SIZE', 'TORCH_QUERY_BLOCK', 'check_block_size', 'blockwise_attention', 'exact_variants']
 
-# %% ../../nbs/10d_kernels.blockwise.ipynb #0bac93be
-BLOCK_SIZE = 256  # default query and key block length of the blockwise exact path (fastest of 256, 512, 1024 on CPU)
+# %% ../../nbs/10d_kernels.blockwise.ipynb #40feeab7
+BLOCK_SIZE = 256  # default query and key block length of the blockwise exact path (fastest of 256, 512, 1024 in JAX on CPU)
+TORCH_QUERY_BLOCK = 512  # torch's default tile: 512 queries against every key (eager loops pay per tile; still linear in L)
 
 def check_block_size(block_size) -> int:
     "`block_size` validated (None: `BLOCK_SIZE`)."
@@ -232,7 +233,7 @@ def _jax_blockwise(score, normalize, q, k, v, tok, seg, causal, window, bq, bk):
     run.defvjp(run_fwd, run_bwd)
     return run(q, k, v, mq, mk)
 
-# %% ../../nbs/10d_kernels.blockwise.ipynb #287e77c1
+# %% ../../nbs/10d_kernels.blockwise.ipynb #e3058af1
 def blockwise_attention(score, # (xp, q [B, H, bq, D], k [B, H, bk, D]) -> scores [B, H, bq, bk]
                         normalize: str, # "softmax" or "kernel"
                         q, # queries [B, H, L, D]
@@ -255,6 +256,7 @@ def blockwise_attention(score, # (xp, q [B, H, bq, D], k [B, H, bk, D]) -> score
     if array_api_compat.is_jax_array(q):
         return _jax_blockwise(score, normalize, q, k, v, token_mask, segment_ids, causal, window, bq, bk)
     if array_api_compat.is_torch_array(q):
+        if block_size is None: bq, bk = min(TORCH_QUERY_BLOCK, L), L
         return _torch_blockwise(score, normalize, q, k, v, token_mask, segment_ids, causal, window, bq, bk)
     return _eager_forward(xp, score, normalize, q, k, v, token_mask, segment_ids, causal, window, bq, bk)[0]
 
