@@ -386,3 +386,11 @@ def test_quality_uniform_control_matches_its_oracle_and_weights_keys_equally():
     _, w = attn(x, attention_mask=mask, output_attentions=True)                         # [B, H, L, L]
     want = (mask[:, None, None, :] / mask.sum(1)[:, None, None, None]).expand_as(w)
     torch.testing.assert_close(w * mask[:, None, :, None], want * mask[:, None, :, None])
+
+def test_cli_bench_upstream_option_is_checked(capsys):
+    "--upstream goes only to the benchmark that takes it, and that benchmark refuses to run without it."
+    from minibert_lab.bench.cli import cli_bench
+    with pytest.raises(SystemExit): cli_bench(["attention", "--upstream", "main.py"])
+    assert "takes no upstream; allowed with attention-upstream" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="upstream=None"): cli_bench(["attention-upstream", "--quick"])
+    with pytest.raises(ValueError, match="no such file"): cli_bench(["attention-upstream", "--quick", "--upstream", "missing/main.py"])

@@ -13,6 +13,7 @@ LAYERS = {
     "minibert_lab": 0,                    # the package __init__ (version only)
     "minibert_lab._modidx": 0,            # nbdev's symbol index (data only)
     "minibert_lab.kernels": 0,            # the math, framework-neutral
+    "minibert_lab.kernels.blockwise": 0,  # exact kinds tile by tile (fills core's EXACT_MEMORY_PATHS; core never imports it)
     "minibert_lab.config": 1,
     "minibert_lab.generation": 1,        # logits processors, token selection, beam bookkeeping (array API only)
     "minibert_lab.causal": 1,             # causal-LM helpers: next-token labels, prompt checks, the generate driver (array API)

@@ -15,9 +15,14 @@ from .harness import (FRAMEWORKS, Case, Sweep, SweepResult, _check_framework, at
 
 # %% auto #0
 __all__ = ['ATTENTION_BENCH', 'ATTENTION_LENGTHS', 'ATTENTION_LENGTHS_QUICK', 'LONG_LENGTH', 'LONG_LENGTH_QUICK', 'LONG_KINDS',
-           'EXACT_MEMORY_BUDGET', 'EXACT_SCORE_COPIES', 'ATTENTION_COLUMNS', 'exact_score_bytes', 'attention_case',
-           'attention_sweep', 'long_sweep', 'crossover_lengths', 'memory_growth', 'attention_figure', 'bench_attention',
-           'crossover_table', 'attention_report', 'merge_results']
+           'EXACT_MEMORY_BUDGET', 'EXACT_SCORE_COPIES', 'ATTENTION_COLUMNS', 'UPSTREAM_BENCH', 'UPSTREAM_LENGTHS',
+           'UPSTREAM_LENGTHS_QUICK', 'UPSTREAM_CLASSES', 'UPSTREAM_STUBS', 'UPSTREAM_MAX_BYTES', 'UPSTREAM_COLUMNS',
+           'SCALING_LENGTHS', 'SCALING_LENGTHS_QUICK', 'SCALING_MAX_CALL_S', 'SCALING_MAX_BYTES', 'SCALING_FIT_FROM',
+           'SCALING_COLUMNS', 'exact_score_bytes', 'attention_case', 'attention_sweep', 'long_sweep',
+           'crossover_lengths', 'memory_growth', 'attention_figure', 'bench_attention', 'crossover_table',
+           'attention_report', 'merge_results', 'load_upstream', 'position_range_params', 'upstream_case',
+           'bench_upstream', 'loglog_exponent', 'scaling_exponents', 'bench_scaling', 'upstream_report',
+           'scaling_report']
 
 # %% ../../nbs/51_bench_attention.ipynb #ced8b0be
 ATTENTION_BENCH = dict(batch=1, dim=128, heads=2)   # head size 64, as in BERT
@@ -210,3 +215,216 @@ def merge_results(results: Sequence[SweepResult]) -> SweepResult:
 
 register_benchmark("attention", bench_attention, attention_report,
                    "forward+backward time and memory per attention kind x length", options=("kinds", "frameworks"))
+
+# %% ../../nbs/51_bench_attention.ipynb #0b1cef03
+UPSTREAM_BENCH = dict(batch=1, dim=256, heads=4)   # sizes of the seed comparison (issue #18): embed 256, 4 heads, batch 1
+UPSTREAM_LENGTHS, UPSTREAM_LENGTHS_QUICK = (2048, 8192, 16384), (32, 64)
+_R_M = lambda p: dict(num_quadrature_nodes=p["num_quad_nodes"], epsilon=p["epsilon"])
+_POLY = lambda p: dict(_R_M(p), num_prf_features=p["num_features"], poly_dim=p["num_poly_features"])
+UPSTREAM_CLASSES = {   # kind -> (class of the seed script, its keyword arguments from our resolved parameters)
+    "rotary": ("RotarySelfAttention", lambda p: {}),
+    "standard": ("StandardAttention", lambda p: {}),
+    "linear": ("LinearAttention", lambda p: {}),
+    "performer": ("FastAttention", lambda p: dict(kernel_size=p["num_features"])),
+    "cosformer": ("CosformerAttention", lambda p: {}),
+    "rff": ("RFFAttention", lambda p: dict(num_features=p["num_features"])),
+    "yat": ("YatAttention", lambda p: dict(epsilon=p["epsilon"])),
+    "yat-spherical": ("YatSphericalAttention", lambda p: dict(epsilon=p["epsilon"])),
+    "slay": ("SLAYAttention", lambda p: dict(_R_M(p), num_features=p["num_features"])),
+    "slay-laplace": ("SLAYLaplaceAttention", lambda p: dict(_R_M(p), num_features=p["num_features"])),
+    "slay-rm": ("SLAYRMAttention", _POLY),
+    "slay-nystrom": ("SLAYNystromAttention", lambda p: dict(_POLY(p), nystrom_reg=p["ridge"])),
+    "slay-anchor": ("SLAYAnchorAttention", _POLY),
+}   # slay-tensor has none: the seed's TensorSketch layer fails on its own hash tables
+UPSTREAM_STUBS = ("wandb", "datasets", "orbax", "orbax.checkpoint")   # imported by the seed script, unused by its layers
+
+class _ClipShim:
+    "`jax.numpy` with the `jnp.clip(a_min=, a_max=)` keywords older JAX took (the seed script uses them)."
+    def __getattr__(self, name):
+        import jax.numpy as jnp
+        return getattr(jnp, name)
+    @staticmethod
+    def clip(x, min=None, max=None, a_min=None, a_max=None):
+        import jax.numpy as jnp
+        return jnp.clip(x, min=a_min if min is None else min, max=a_max if max is None else max)
+
+def load_upstream(path, # the seed script (`kaggle/main.py` of the SLAY repository), kept outside this repository
+                 ):
+    "Import the seed script's layer classes without running it: stub modules it only needs for training, shim `jnp.clip`, no mesh."
+    import importlib.util, sys, types
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file(): raise ValueError(f"upstream={str(path)!r}: no such file; allowed: the path of the seed script (main.py)")
+    saved = {n: sys.modules.get(n) for n in UPSTREAM_STUBS}
+    for n in UPSTREAM_STUBS:
+        stub = types.ModuleType(n)
+        stub.load_dataset = stub.init = stub.log = stub.finish = stub.PyTreeCheckpointer = None
+        sys.modules[n] = stub
+    sys.modules["orbax"].checkpoint = sys.modules["orbax.checkpoint"]
+    spec = importlib.util.spec_from_file_location("minibert_lab_upstream", path)
+    mod = importlib.util.module_from_spec(spec)
+    try: spec.loader.exec_module(mod)   # its __name__ is not "__main__": the training script does not run
+    finally:
+        for n, m in saved.items():
+            if m is None: sys.modules.pop(n, None)
+            else: sys.modules[n] = m
+    mod.jnp, mod.mesh = _ClipShim(), None   # layers built outside a mesh, with plain initialisers
+    return mod
+
+def _jax_fwd_bwd(module, x, call):
+    "A compiled forward + backward (gradients of weights and input) of `call(module, x).sum()`: `(run, compiled)`."
+    import jax
+    from flax import nnx
+    graphdef, weights, rest = nnx.split(module, nnx.Param, ...)
+    def loss(w, x): return call(nnx.merge(graphdef, w, rest), x).sum()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(weights, x).compile()
+    def run(): jax.block_until_ready(compiled(weights, x))
+    return run, compiled
+
+def position_range_params(kind: str, length: int) -> dict:
+    "The kind's integer parameter (from the registry) that lifts its position range to `length`, if it needs one: `{name: length}`."
+    if (kernels.max_position(kind) or length) >= length: return {}
+    for name, prm in kernels.get_kind(kind).params.items():
+        if prm.type is int and (kernels.max_position(kind, **{name: length}) or 0) >= length: return {name: length}
+    raise ValueError(f"kind={kind!r} cannot reach length={length}: no parameter lifts its position range")
+
+def _ours_jax(kind, length, batch, dim, heads, params):
+    from flax import nnx
+    import jax, jax.numpy as jnp
+    from minibert_lab.jax.attention import build_attention
+    params = position_range_params(kind, length) | dict(params)
+    m = build_attention(kind, dim, heads, rngs=nnx.Rngs(0), max_len=length, **params)
+    if kernels.is_exact(kind) and length >= kernels.BLOCKWISE_MIN_LENGTH: m.fast_path = None   # long: the blockwise core
+    x = jax.random.normal(jax.random.key(0), (batch, length, dim), jnp.float32)
+    return _jax_fwd_bwd(m, x, lambda m, x: m(x))
+
+def _upstream_jax(mod, kind, length, batch, dim, heads, params):
+    from flax import nnx
+    import jax, jax.numpy as jnp
+    name, kw = UPSTREAM_CLASSES[kind]
+    m = getattr(mod, name)(dim, heads, rngs=nnx.Rngs(0), **kw(kernels.resolve_params(kind, params)))
+    cos, sin = mod.precompute_freqs_cis(dim // heads, length)
+    x = jax.random.normal(jax.random.key(0), (batch, length, dim), jnp.float32)
+    return _jax_fwd_bwd(m, x, lambda m, x: m(x, cos, sin))
+
+def upstream_case(mod, kind, length, batch=UPSTREAM_BENCH["batch"], dim=UPSTREAM_BENCH["dim"], heads=UPSTREAM_BENCH["heads"],
+                  repeats=5, max_time=30.0, **params) -> dict:
+    "One row: our JAX layer and the seed's at `length`, interleaved; times, peak memory, XLA FLOPs and the ratios upstream/ours."
+    from minibert_lab.bench.harness import interleaved_times
+    row = dict(kind=kind, length=length)
+    if kind not in UPSTREAM_CLASSES: return dict(row, skipped="no runnable seed layer")
+    runs, mems, flops = [], [], []
+    for build in (lambda: _ours_jax(kind, length, batch, dim, heads, params),
+                  lambda: _upstream_jax(mod, kind, length, batch, dim, heads, params)):
+        run, c = build()
+        runs.append(run); mems.append(jax_peak_memory(c)); flops.append((c.cost_analysis() or {}).get("flops"))
+    row |= dict(ours_mib=mems[0] / 2**20, upstream_mib=mems[1] / 2**20, memory_ratio=mems[1] / mems[0],
+                ours_gflop=flops[0] and flops[0] / 1e9, upstream_gflop=flops[1] and flops[1] / 1e9)
+    if max(mems) > UPSTREAM_MAX_BYTES:
+        return dict(row, skipped=f"peak {max(mems) / 2**30:.3g} GiB > {UPSTREAM_MAX_BYTES / 2**30:.3g} GiB: not run")
+    ours, up = interleaved_times(runs, repeats=repeats, max_time=max_time)
+    return dict(row, ours_s=ours.median, upstream_s=up.median, time_ratio=up.median / ours.median)
+
+UPSTREAM_MAX_BYTES = 8 * 2**30   # a compiled step needing more peak memory is reported (from XLA) but not run
+UPSTREAM_COLUMNS = ["kind", "length", "ours_s", "upstream_s", "time_ratio", "ours_mib", "upstream_mib", "memory_ratio",
+                    "ours_gflop", "upstream_gflop", "skipped", "error"]
+
+def bench_upstream(quick: bool = False, device: str = "cpu", progress: bool = False,
+                   kinds: Sequence[str] | None = None, upstream: str | None = None) -> SweepResult:
+    "Our JAX layers against the seed script's, same process, interleaved: forward + backward time and peak memory by length."
+    import json
+    from minibert_lab.bench.harness import load_average, machine_info
+    if upstream is None: raise ValueError("upstream=None is invalid; allowed: the path of the seed script (--upstream PATH)")
+    if device != "cpu": raise ValueError(f"device={device!r} is invalid for attention-upstream; allowed: 'cpu'")
+    mod = load_upstream(upstream)
+    kinds = tuple(kinds or kernels.ATTENTION_TYPES)
+    load_before, rows = load_average(), []
+    for L in (UPSTREAM_LENGTHS_QUICK if quick else UPSTREAM_LENGTHS):
+        for kind in kinds:
+            try: row = upstream_case(mod, kind, L, repeats=2 if quick else 5, max_time=0.5 if quick else 30.0)
+            except Exception as e: row = dict(kind=kind, length=L, error=f"{type(e).__name__}: {e}"[:160])
+            rows.append(row)
+            if progress: print(json.dumps(dict(sweep="attention-upstream") | row), flush=True)
+    meta = machine_info(device) | dict(description="our JAX attention layers against the seed script's (upstream), forward + "
+                                       f"backward, batch {UPSTREAM_BENCH['batch']}, dim {UPSTREAM_BENCH['dim']}, "
+                                       f"{UPSTREAM_BENCH['heads']} heads, interleaved; ratio = upstream / ours",
+                                       sizes=UPSTREAM_BENCH, load_before=load_before, load_after=load_average())
+    return SweepResult("attention-upstream", rows, meta)
+
+SCALING_LENGTHS = tuple(1024 * 2**i for i in range(7))   # 1k ... 64k
+SCALING_LENGTHS_QUICK = (64, 128, 256)
+SCALING_MAX_CALL_S = {"cpu": 60.0, "cuda": 10.0}   # a length whose predicted step time exceeds this is skipped
+SCALING_MAX_BYTES = 8 * 2**30                       # ... as is one whose compiled step needs more peak memory
+SCALING_FIT_FROM = 4096                             # exponents are fitted from this length on (shorter: overheads)
+
+def loglog_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    "Least-squares slope of log y against log x (None with fewer than two points)."
+    if len(xs) < 2: return None
+    import numpy as np
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+def scaling_exponents(rows: Sequence[Mapping], # rows of the scaling sweep
+                      fit_from: int = SCALING_FIT_FROM, # shortest length in the fit (all lengths when fewer than 2 reach it)
+                     ) -> list[dict]:
+    "Per kind: fitted time and memory exponents (log-log least squares) and the lengths they use."
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        pts = sorted((r["length"], r["median_s"], r["peak_mib"]) for r in rows if r["kind"] == kind and r.get("median_s"))
+        use = [p for p in pts if p[0] >= fit_from]
+        if len(use) < 2: use = pts
+        out.append(dict(kind=kind, exact=kernels.is_exact(kind), lengths=f"{use[0][0]}-{use[-1][0]}" if use else "",
+                        points=len(use), time_exponent=loglog_exponent([p[0] for p in use], [p[1] for p in use]),
+                        memory_exponent=loglog_exponent([p[0] for p in use], [p[2] for p in use]),
+                        longest=pts[-1][0] if pts else None))
+    return out
+
+def bench_scaling(quick: bool = False, device: str = "cpu", progress: bool = False,
+                  kinds: Sequence[str] | None = None) -> SweepResult:
+    "JAX forward + backward time and peak memory of each kind from 1k to 64k tokens (exact kinds blockwise), until too slow."
+    import json
+    from minibert_lab.bench.harness import load_average, machine_info, time_fn
+    load_before, rows = load_average(), []
+    b = UPSTREAM_BENCH
+    for kind in tuple(kinds or kernels.ATTENTION_TYPES):
+        last = None   # (length, seconds) of the last measured length
+        for L in (SCALING_LENGTHS_QUICK if quick else SCALING_LENGTHS):
+            row = dict(kind=kind, length=L)
+            guess = None if last is None else last[1] * (L / last[0]) ** (2 if kernels.is_exact(kind) else 1)
+            if guess is not None and guess > SCALING_MAX_CALL_S[device]:
+                rows.append(dict(row, skipped=f"predicted {guess:.3g} s per step > {SCALING_MAX_CALL_S[device]:g} s")); continue
+            try:
+                run, c = _ours_jax(kind, L, b["batch"], b["dim"], b["heads"], {})
+                mem = jax_peak_memory(c)
+                if mem > SCALING_MAX_BYTES:
+                    rows.append(dict(row, peak_mib=mem / 2**20, skipped="peak memory over budget")); continue
+                t = time_fn(run, "jax", repeats=2 if quick else 3, max_time=0.5 if quick else 60.0)
+                row |= dict(median_s=t.median, iqr_s=t.iqr, peak_mib=mem / 2**20); last = (L, t.median)
+            except Exception as e: row["error"] = f"{type(e).__name__}: {e}"[:160]
+            rows.append(row)
+            if progress: print(json.dumps(dict(sweep="attention-scaling") | row), flush=True)
+    meta = machine_info(device) | dict(description=f"JAX attention layers, forward + backward, batch {b['batch']}, dim "
+                                       f"{b['dim']}, {b['heads']} heads; exact kinds blockwise from "
+                                       f"{kernels.BLOCKWISE_MIN_LENGTH} tokens", sizes=b,
+                                       load_before=load_before, load_after=load_average())
+    res = SweepResult("attention-scaling", rows, meta)
+    res.meta["exponents"] = scaling_exponents(rows)
+    return res
+
+SCALING_COLUMNS = ["kind", "length", "median_s", "iqr_s", "peak_mib", "skipped", "error"]
+
+def upstream_report(res: SweepResult) -> tuple[str, list]:
+    "Markdown table of the comparison with the seed layers (ratio > 1: we are faster / use less memory)."
+    return "### Against the seed layers (JAX, forward + backward)\n\n" + markdown_table(res.rows, UPSTREAM_COLUMNS), []
+
+def scaling_report(res: SweepResult) -> tuple[str, list]:
+    "Markdown tables (exponents, every row) and figures (time, memory) of the scaling sweep."
+    md = ("### Fitted exponents (log-log least squares)\n\n" + markdown_table(res.meta.get("exponents") or scaling_exponents(res.rows))
+          + "\n### Every length\n\n" + markdown_table(res.rows, SCALING_COLUMNS))
+    rows = [dict(r, framework="jax", causal=False) for r in res.rows]
+    return md, [attention_figure(rows, "median_s", "Scaling: forward + backward time"),
+                attention_figure(rows, "peak_mib", "Scaling: peak memory")]
+
+register_benchmark("attention-upstream", bench_upstream, upstream_report,
+                   "our JAX layers vs the seed script's at 2k/8k/16k (needs --upstream PATH)", options=("kinds", "upstream"))
+register_benchmark("attention-scaling", bench_scaling, scaling_report,
+                   "JAX fwd+bwd time and memory per kind, 1k ... 64k, with fitted exponents", options=("kinds",))

@@ -18,7 +18,7 @@ from . import attention, approx, models, quality, decode   # each registers its 
 # %% auto #0
 __all__ = ['DEFAULT_BENCH_OUT', 'import_user_code', 'bench_parser', 'cli_bench']
 
-# %% ../../nbs/59_bench_cli.ipynb #969c3ce0
+# %% ../../nbs/59_bench_cli.ipynb #98d9ea92
 def import_user_code(spec: str, # a module name (`my_kinds`) or a path to a `.py` file (`./my_kinds.py`)
                     ):
     "Import a user's module or `.py` file (for example one that registers attention kinds); return the module."
@@ -51,6 +51,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--framework", action="append", choices=FRAMEWORKS, default=None,
                    help=f"{takes('frameworks')}: only this framework (repeatable; default all)")
     p.add_argument("--kind", action="append", default=None, help=f"{takes('kinds')}: only this attention kind (repeatable)")
+    p.add_argument("--upstream", default=None, metavar="PATH",
+                   help=f"{takes('upstream')}: the seed script whose layers to compare with (kept outside the repository)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import a module or .py file first, e.g. one that calls kernels.register_kind (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -71,6 +73,11 @@ def cli_bench(argv: Sequence[str]) -> int:
             p.error(f"argument {opt}: benchmark {a.name!r} takes no {key}; allowed with "
                     f"{', '.join(k for k, b in BENCHMARKS.items() if key in b.options)}")
         kw[key] = tuple(values)
+    if a.upstream is not None:
+        if "upstream" not in bench.options:
+            p.error(f"argument --upstream: benchmark {a.name!r} takes no upstream; allowed with "
+                    f"{', '.join(k for k, b in BENCHMARKS.items() if 'upstream' in b.options)}")
+        kw["upstream"] = a.upstream
     for k in a.kind or ():
         if k not in kernels.KERNELS:
             p.error(f"argument --kind: invalid choice {k!r}; allowed: {', '.join(kernels.KERNELS)} "

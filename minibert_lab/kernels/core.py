@@ -18,15 +18,15 @@ from array_api_compat import array_namespace
 # %% auto #0
 __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHUNK_SIZE', 'ROPE_THETA', 'DEFAULT_COS_MAX_LEN',
            'FEATURES_PER_HEAD_DIM', 'FEATURE_BUDGETS', 'MODULE_PARAMS', 'NORMALIZATIONS', 'TARGETS', 'KERNELS',
-           'ATTENTION_TYPES', 'FAST_LINEAR_SUMS', 'FORMS', 'FORM_MEMORY_WEIGHT', 'FORM_BUILD_WEIGHT',
-           'CACHE_MIN_BUCKET', 'positive_den_floor', 'to_numpy64', 'rope_cos_sin', 'apply_rope', 'token_mask',
-           'visibility_mask', 'is_concrete', 'validate_masks', 'Param', 'KernelSpec', 'register_kind',
-           'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params', 'is_exact', 'target_kernel',
-           'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position', 'budget_params',
-           'equal_budget_params', 'FeatureContext', 'laguerre_nodes', 'factor_features', 'slay_num_features',
-           'nystrom_whitening', 'init_state', 'registry_table', 'chunked_prefix_sums', 'linear_sums', 'form_costs',
-           'choose_form', 'state_names', 'attention_core', 'DecodeContext', 'cache_bucket', 'kv_cache_step',
-           'recurrent_state_step', 'decode_attention', 'cache_nbytes']
+           'ATTENTION_TYPES', 'FAST_LINEAR_SUMS', 'FORMS', 'FORM_MEMORY_WEIGHT', 'FORM_BUILD_WEIGHT', 'MEMORY_MODES',
+           'BLOCKWISE_MIN_LENGTH', 'EXACT_MEMORY_PATHS', 'CACHE_MIN_BUCKET', 'positive_den_floor', 'to_numpy64',
+           'rope_cos_sin', 'apply_rope', 'token_mask', 'visibility_mask', 'is_concrete', 'validate_masks', 'Param',
+           'KernelSpec', 'register_kind', 'unregister_kind', 'get_kind', 'registered_kinds', 'kind_params', 'is_exact',
+           'target_kernel', 'resolve_params', 'small_params', 'feature_dim', 'kind_flops', 'max_position',
+           'budget_params', 'equal_budget_params', 'FeatureContext', 'laguerre_nodes', 'factor_features',
+           'slay_num_features', 'nystrom_whitening', 'init_state', 'registry_table', 'chunked_prefix_sums',
+           'linear_sums', 'form_costs', 'choose_form', 'state_names', 'attention_core', 'DecodeContext', 'cache_bucket',
+           'kv_cache_step', 'recurrent_state_step', 'decode_attention', 'cache_nbytes']
 
 # %% ../../nbs/10_kernels.ipynb #ab4d4c63
 UNIT_NORM_EPS = 1e-12      # added to ‖x‖² before the square root when projecting onto the unit sphere (finite grad at 0)
@@ -1132,6 +1132,23 @@ def _features(xp, spec, q, k, state, params, tok, position_ids, causal, fn=None)
     fk = fn(k, state, params, FeatureContext(xp, "key", pos, kv, causal, L))  # [B, H, L, F]
     return fq, fk
 
+MEMORY_MODES = ("auto", "dense", "blockwise")  # how exact kinds hold their scores: all L×L at once, or tile by tile
+BLOCKWISE_MIN_LENGTH = 2048  # memory="auto" takes the blockwise path from this length on
+EXACT_MEMORY_PATHS: dict[str, Callable] = {}  # memory-efficient exact paths by mode, filled by `kernels.blockwise`
+
+def _exact_memory(memory, L, output_attentions, weights_dropout, exact, kind) -> str:
+    "The exact path `attention_core` takes: 'dense' or 'blockwise' (ValueError for a bad or impossible request)."
+    if memory not in MEMORY_MODES: raise ValueError(f"memory={memory!r} is invalid; allowed: {', '.join(map(repr, MEMORY_MODES))}")
+    if memory == "blockwise" and not exact:
+        raise ValueError(f"memory='blockwise' is invalid for kind {kind!r} (a feature map, already linear in L); allowed: "
+                         f"'auto' or 'dense', or an exact kind: {', '.join(k for k in KERNELS if is_exact(k))}")
+    tile_ok = not output_attentions and weights_dropout is None
+    if memory == "blockwise" and not tile_ok:
+        raise ValueError("memory='blockwise' cannot return weights or drop them out (output_attentions=True or weights_dropout "
+                         "given); allowed: memory='dense' or 'auto' with those")
+    if memory == "auto": memory = "blockwise" if tile_ok and L >= BLOCKWISE_MIN_LENGTH else "dense"
+    return memory
+
 def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
                    q, # queries [B, H, L, D] (projected, RoPE'd if enabled)
                    k, # keys [B, H, L, D]
@@ -1148,6 +1165,8 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
                    weights_dropout=None, # callable applied to exact weights / linear outputs
                    chunk_size: int | None = None, # causal chunk length (default: params["chunk_size"] or 64)
                    form: str = "auto", # feature kinds: "linear", "quadratic" or "auto" (cheaper by `form_costs`)
+                   memory: str = "auto", # exact kinds: "dense", "blockwise" (memory linear in L) or "auto" (by length)
+                   block_size: int | None = None, # blockwise tile length (default: `kernels.blockwise.BLOCK_SIZE`)
                   ):
     "Attention of `kind` on projected heads: `(out [B, H, L, Dv], weights [B, H, L, L] | None)`."
     spec = get_kind(kind)
@@ -1157,6 +1176,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
     _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, spec.exact, kind)
     if chunk_size is None: chunk_size = (params or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE
     B, H, L, D = q.shape
+    path = _exact_memory(memory, L, output_attentions, weights_dropout, spec.exact, kind)  # 'dense' or 'blockwise'
     lim = None if spec.max_position is None else spec.max_position(p)
     if lim is not None and position_ids is None and L > lim:
         raise ValueError(f"q has length L={L}, beyond the position range {lim} of kind {kind!r} with its parameters; "
@@ -1167,6 +1187,10 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         keep = tok[:, None, :, None]  # [B, 1, L, 1]
         q, k, v = (xp.where(keep, a, xp.zeros_like(a)) for a in (q, k, v))  # [B, H, L, *] each
     if spec.exact:
+        if path == "blockwise":
+            score = lambda xp_, a, b: spec.score(xp_, a, b, p)
+            return EXACT_MEMORY_PATHS["blockwise"](score, spec.normalization(p), q, k, v, token_mask=tok, segment_ids=sg,
+                                                   causal=causal, window=window, block_size=block_size), None
         mask = visibility_mask(am, sg, causal, window, L, xp, like=q)  # [B|1, 1, L, L] or None
         w = _normalise(xp, spec.score(xp, q, k, p), mask, spec.normalization(p))  # [B, H, L, L]
         if weights_dropout is not None: w = weights_dropout(w)
