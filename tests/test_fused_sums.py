@@ -162,13 +162,13 @@ def test_attention_core_dispatch_jax(monkeypatch):
     monkeypatch.setattr(PL, "pallas_linear_sums", spy)
     (q, k, v), am, sg, pos = K.random_inputs(B=3, H=2, L=7, D=8, seed=0)
     q, k, v = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
-    fused, _ = K.attention_core("linear", q, k, v, causal=True, segment_ids=jnp.asarray(sg))
+    fused, _ = K.attention_core("linear", q, k, v, causal=True, segment_ids=jnp.asarray(sg), form="linear")
     assert calls == ["causal"]
-    K.attention_core("linear", q, k, v)  # unpacked bidirectional: two matmuls, the plain path
+    K.attention_core("linear", q, k, v, form="linear")  # unpacked bidirectional: two matmuls, the plain path
     p = K.small_params("performer"); st = K.init_state("performer", 2, 8, seed=0, **p)
-    K.attention_core("performer", q, k, v, st, params=p, causal=True)  # key log-scales: the plain path
+    K.attention_core("performer", q, k, v, st, params=p, causal=True, form="linear")  # key log-scales: the plain path
     assert calls == ["causal"]
-    with plain_linear_sums(): plain, _ = K.attention_core("linear", q, k, v, causal=True, segment_ids=jnp.asarray(sg))
+    with plain_linear_sums(): plain, _ = K.attention_core("linear", q, k, v, causal=True, segment_ids=jnp.asarray(sg), form="linear")
     assert _rel(fused, np.asarray(plain, np.float64)) < TOL
 
 
@@ -199,8 +199,8 @@ def test_cuda_attention_core_uses_triton(kind, monkeypatch):
     x = [torch.tensor(a, dtype=torch.float32, device=dev) for a in (q, k, v)]
     s = torch.as_tensor(sg, device=dev)
     for causal in (True, False):
-        out, _ = K.attention_core(kind, *x, st, params=p, causal=causal, segment_ids=s)
-        with plain_linear_sums(): ref, _ = K.attention_core(kind, *x, st, params=p, causal=causal, segment_ids=s)
+        out, _ = K.attention_core(kind, *x, st, params=p, causal=causal, segment_ids=s, form="linear")
+        with plain_linear_sums(): ref, _ = K.attention_core(kind, *x, st, params=p, causal=causal, segment_ids=s, form="linear")
         assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert calls == ["causal", "bidirectional"]
 
@@ -211,10 +211,10 @@ def test_gpu_attention_core_uses_pallas():
     "On a JAX GPU backend, the jitted causal packed `attention_core` of `linear` uses the Pallas sums and matches."
     (q, k, v), am, sg, pos = K.random_inputs(B=3, H=2, L=300, D=16, seed=0)
     x = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
-    f = jax.jit(lambda *a: K.attention_core("linear", *a, causal=True, segment_ids=jnp.asarray(sg))[0])
+    f = jax.jit(lambda *a: K.attention_core("linear", *a, causal=True, segment_ids=jnp.asarray(sg), form="linear")[0])
     out = f(*x)
     assert PL.fused_ready()
-    with plain_linear_sums(): ref = jax.jit(lambda *a: K.attention_core("linear", *a, causal=True, segment_ids=jnp.asarray(sg))[0])(*x)
+    with plain_linear_sums(): ref = jax.jit(lambda *a: K.attention_core("linear", *a, causal=True, segment_ids=jnp.asarray(sg), form="linear")[0])(*x)
     assert float(jnp.abs(out - ref).max()) <= 1e-4 * float(jnp.abs(ref).max())
 
 
