@@ -216,7 +216,7 @@ def merge_results(results: Sequence[SweepResult]) -> SweepResult:
 register_benchmark("attention", bench_attention, attention_report,
                    "forward+backward time and memory per attention kind x length", options=("kinds", "frameworks"))
 
-# %% ../../nbs/51_bench_attention.ipynb #0b1cef03
+# %% ../../nbs/51_bench_attention.ipynb #2466b00e
 UPSTREAM_BENCH = dict(batch=1, dim=256, heads=4)   # sizes of the seed comparison (issue #18): embed 256, 4 heads, batch 1
 UPSTREAM_LENGTHS, UPSTREAM_LENGTHS_QUICK = (2048, 8192, 16384), (32, 64)
 _R_M = lambda p: dict(num_quadrature_nodes=p["num_quad_nodes"], epsilon=p["epsilon"])
@@ -302,7 +302,10 @@ def _upstream_jax(mod, kind, length, batch, dim, heads, params):
     from flax import nnx
     import jax, jax.numpy as jnp
     name, kw = UPSTREAM_CLASSES[kind]
-    m = getattr(mod, name)(dim, heads, rngs=nnx.Rngs(0), **kw(kernels.resolve_params(kind, params)))
+    p = kernels.resolve_params(kind, params)
+    if p.get("num_features", 0) is None:  # a head-size-dependent default budget: the width our layer gets at this D
+        p = {**p, **kernels.budget_params(kind, "default", dim // heads), **(params or {})}
+    m = getattr(mod, name)(dim, heads, rngs=nnx.Rngs(0), **kw(p))
     cos, sin = mod.precompute_freqs_cis(dim // heads, length)
     x = jax.random.normal(jax.random.key(0), (batch, length, dim), jnp.float32)
     return _jax_fwd_bwd(m, x, lambda m, x: m(x, cos, sin))
