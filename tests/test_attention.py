@@ -452,3 +452,21 @@ def test_nonfinite_at_masked_positions_never_reaches_real_tokens(kind):
             assert np.isfinite(yt).all() and np.isfinite(yj).all(), (bad, causal)
             if not causal:
                 assert rel_err(yt[real], ref[real]) < RTOL * cond(kind) and rel_err(yj[real], refj[real]) < RTOL * cond(kind)
+
+
+def test_jax_long_inputs_take_the_blockwise_core_with_equal_outputs():
+    "From BLOCKWISE_MIN_LENGTH on, the JAX softmax module leaves XLA's fused L×L path for the blockwise core: same output."
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    from minibert_lab import kernels
+    from minibert_lab.jax.attention import build_attention
+    import unittest.mock as mock
+    m = build_attention("standard", 16, 2, rngs=nnx.Rngs(0), max_len=kernels.BLOCKWISE_MIN_LENGTH)
+    x = jax.random.normal(jax.random.key(1), (1, kernels.BLOCKWISE_MIN_LENGTH, 16), jnp.float32)
+    calls, real = [], kernels.EXACT_MEMORY_PATHS["blockwise"]
+    with mock.patch.dict(kernels.EXACT_MEMORY_PATHS, blockwise=lambda *a, **k: calls.append(1) or real(*a, **k)):
+        long = np.asarray(m(x))                   # the blockwise core
+    assert calls, "a long input did not reach the blockwise core"
+    assert m.fast_path is not None
+    with mock.patch.object(kernels, "BLOCKWISE_MIN_LENGTH", 10**9): dense = np.asarray(m(x))   # the fused path, same length
+    np.testing.assert_allclose(long, dense, rtol=1e-4, atol=1e-5)

@@ -53,8 +53,8 @@ def _grads_ref(fq, fk, v, seg, mode, w):
 
 
 needs_interpreter = pytest.mark.skipif(not TL.HAS_TRITON or not TL.interpreting(),
-                                       reason="needs the `triton` package with its interpreter (no CUDA device, or "
-                                              "TRITON_INTERPRET=1 set before triton is imported)")
+                                       reason="needs the `triton` package (a dev dependency on Linux x86-64 only: no wheel "
+                                              "elsewhere) in interpreter mode (on a CUDA machine the GPU tests run instead)")
 
 
 def _triton(fq, fk, v, seg, mode, grads):
@@ -104,7 +104,7 @@ def test_fused_sums_wide(fused):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TL.HAS_TRITON, reason="needs the `triton` package")
+@pytest.mark.skipif(not TL.HAS_TRITON, reason="needs the `triton` package (a dev dependency on Linux x86-64 only: no wheel elsewhere)")
 def test_triton_compiles_for_hopper_without_gpu():
     "The kernels compile to PTX for sm_90 (H100/H200) on a machine without a GPU (catches GPU-only compile errors)."
     code = """

@@ -216,7 +216,7 @@ def merge_results(results: Sequence[SweepResult]) -> SweepResult:
 register_benchmark("attention", bench_attention, attention_report,
                    "forward+backward time and memory per attention kind x length", options=("kinds", "frameworks"))
 
-# %% ../../nbs/51_bench_attention.ipynb #2466b00e
+# %% ../../nbs/51_bench_attention.ipynb #25712f8b
 UPSTREAM_BENCH = dict(batch=1, dim=256, heads=4)   # sizes of the seed comparison (issue #18): embed 256, 4 heads, batch 1
 UPSTREAM_LENGTHS, UPSTREAM_LENGTHS_QUICK = (2048, 8192, 16384), (32, 64)
 _R_M = lambda p: dict(num_quadrature_nodes=p["num_quad_nodes"], epsilon=p["epsilon"])
@@ -294,7 +294,6 @@ def _ours_jax(kind, length, batch, dim, heads, params):
     from minibert_lab.jax.attention import build_attention
     params = position_range_params(kind, length) | dict(params)
     m = build_attention(kind, dim, heads, rngs=nnx.Rngs(0), max_len=length, **params)
-    if kernels.is_exact(kind) and length >= kernels.BLOCKWISE_MIN_LENGTH: m.fast_path = None   # long: the blockwise core
     x = jax.random.normal(jax.random.key(0), (batch, length, dim), jnp.float32)
     return _jax_fwd_bwd(m, x, lambda m, x: m(x))
 

@@ -110,7 +110,7 @@ def default_position_ids(B: int, # batch size
     first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)  # [B, L] index of the document's first token
     return idx - first  # [B, L]
 
-# %% ../../nbs/12_attention.jax.ipynb #d6a28c6d
+# %% ../../nbs/12_attention.jax.ipynb #49961d41
 class Attention(nnx.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES` (Flax NNX)."
     def __init__(self, kind: str, # attention kind
@@ -210,7 +210,8 @@ class Attention(nnx.Module):
         q, k, v = self.qkv_blhd(x, position_ids)  # [B, L, H, D], 2 x [B, L, Hkv, D]
         g = self.spec.heads // self.spec.num_kv_heads
         if g > 1: k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [B, L, H, D] each
-        if self.fast_path is not None and self.spec.softmax_fast_path and not output_attentions:
+        long = L >= kernels.BLOCKWISE_MIN_LENGTH  # XLA's fused softmax holds L×L scores: long inputs take the blockwise core
+        if self.fast_path is not None and self.spec.softmax_fast_path and not output_attentions and not long:
             out, w = self._fast(q, k, v, attention_mask, segment_ids, causal), None  # [B, L, H, D]
         else:
             t = lambda a: a.transpose(0, 2, 1, 3)  # [B, L, H, D] <-> [B, H, L, D] (the kernels' layout)
