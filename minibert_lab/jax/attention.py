@@ -27,7 +27,7 @@ from ..attention_spec import AttentionSpec, attention_spec, check_inputs
 
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)  # run the kernel core in fp32 for these
 
-# %% ../../nbs/12_attention.jax.ipynb #4cec163e
+# %% ../../nbs/12_attention.jax.ipynb #598268b2
 FAST_PATHS = ("einsum", "dot_product_attention")  # implementations of the softmax fast path
 
 LAYOUTS = ("bhld", "blhd")  # q, k, v as [B, H, L, D] (the kernels' layout) or [B, L, H, D] (the projections' layout)
@@ -47,7 +47,8 @@ def softmax_attention_einsum(q, # [B, H, L, D] (or [B, L, H, D] with layout="blh
     qs = "bhqd" if layout == "bhld" else "bqhd"  # q and output
     ks = "bhkd" if layout == "bhld" else "bkhd"  # k and v
     scale = q.shape[-1] ** -0.5
-    s = jnp.einsum(f"{qs},{ks}->bhqk", q, k, preferred_element_type=jnp.float32) * scale  # [B, H, L, L]
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # scores in float32 for half inputs, float64 for float64 ones
+    s = jnp.einsum(f"{qs},{ks}->bhqk", q, k, preferred_element_type=acc) * scale  # [B, H, L, L]
     if mask is not None: s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     w = jax.nn.softmax(s, axis=-1)  # [B, H, L, L]
     if mask is not None: w = jnp.where(mask.any(-1, keepdims=True), w, 0.0)  # rows with no visible key -> 0
@@ -110,7 +111,7 @@ def default_position_ids(B: int, # batch size
     first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)  # [B, L] index of the document's first token
     return idx - first  # [B, L]
 
-# %% ../../nbs/12_attention.jax.ipynb #49961d41
+# %% ../../nbs/12_attention.jax.ipynb #8551d7d5
 class Attention(nnx.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES` (Flax NNX)."
     def __init__(self, kind: str, # attention kind
@@ -158,7 +159,8 @@ class Attention(nnx.Module):
         q = q.reshape(B, L, s.heads, s.head_dim)  # [B, L, H, D]
         k, v = (a.reshape(B, L, s.num_kv_heads, s.head_dim) for a in (k, v))  # [B, L, Hkv, D] each
         if s.rope:
-            cos, sin = kernels.rope_cos_sin(position_ids, s.head_dim, s.rope_theta)  # [B, 1, L, D] each
+            tables = jnp.float64 if q.dtype == jnp.float64 else None  # float64 models: tables computed in float64
+            cos, sin = kernels.rope_cos_sin(position_ids, s.head_dim, s.rope_theta, dtype=tables)  # [B, 1, L, D] each
             cos, sin = (t.transpose(0, 2, 1, 3).astype(q.dtype) for t in (cos, sin))  # [B, L, 1, D] each (tables only)
             q, k = kernels.apply_rope(q, cos, sin), kernels.apply_rope(k, cos, sin)
         return q, k, v

@@ -89,12 +89,12 @@ def _to_numpy(x):
     if array_api_compat.is_torch_array(x): return x.detach().cpu().numpy()
     return np.asarray(x)
 
-# %% ../../nbs/10_kernels.ipynb #80bffdf7
+# %% ../../nbs/10_kernels.ipynb #98415b0b
 def rope_cos_sin(position_ids, # [B, L] (or [L]) integer positions
                  head_dim: int, # D, even
                  theta: float = ROPE_THETA, # RoPE base
                  xp=None, # array namespace (default: that of `position_ids`)
-                 dtype=None, # float dtype of the tables (default float32)
+                 dtype=None, # float dtype of the tables (default float32; float64 tables are also computed in float64)
                 ):
     "RoPE tables `(cos, sin)`, each `[B, 1, L, D]` (rotate-half layout)."
     if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
@@ -106,10 +106,11 @@ def rope_cos_sin(position_ids, # [B, L] (or [L]) integer positions
     if pos.ndim == 1: pos = pos[None, :]  # [L] -> [1, L]
     if pos.ndim != 2: raise ValueError(f"position_ids has shape {tuple(pos.shape)}; allowed: [B, L] or [L]")
     dt = xp.float32 if dtype is None else dtype
+    ct = xp.float64 if dt == xp.float64 else xp.float32  # computed in float32 like Hugging Face; float64 tables in float64
     half = head_dim // 2
     inv_freq = 1.0 / theta ** (np.arange(half, dtype=np.float64) * 2.0 / head_dim)  # [D/2]
-    inv = xp.asarray(inv_freq.astype(np.float32), **_dev(pos))  # [D/2] (float32, like Hugging Face)
-    ang = xp.astype(pos, xp.float32)[:, :, None] * inv[None, None, :]  # [B, L, D/2]
+    inv = xp.asarray(inv_freq if ct == xp.float64 else inv_freq.astype(np.float32), dtype=ct, **_dev(pos))  # [D/2]
+    ang = xp.astype(pos, ct)[:, :, None] * inv[None, None, :]  # [B, L, D/2]
     emb = xp.concat([ang, ang], axis=-1)  # [B, L, D]
     cos, sin = xp.cos(emb)[:, None, :, :], xp.sin(emb)[:, None, :, :]  # [B, 1, L, D] each
     return xp.astype(cos, dt), xp.astype(sin, dt)
