@@ -216,7 +216,7 @@ def merge_results(results: Sequence[SweepResult]) -> SweepResult:
 register_benchmark("attention", bench_attention, attention_report,
                    "forward+backward time and memory per attention kind x length", options=("kinds", "frameworks"))
 
-# %% ../../nbs/51_bench_attention.ipynb #25712f8b
+# %% ../../nbs/51_bench_attention.ipynb #3f0429dc
 UPSTREAM_BENCH = dict(batch=1, dim=256, heads=4)   # sizes of the seed comparison (issue #18): embed 256, 4 heads, batch 1
 UPSTREAM_LENGTHS, UPSTREAM_LENGTHS_QUICK = (2048, 8192, 16384), (32, 64)
 _R_M = lambda p: dict(num_quadrature_nodes=p["num_quad_nodes"], epsilon=p["epsilon"])
@@ -315,13 +315,15 @@ def upstream_case(mod, kind, length, batch=UPSTREAM_BENCH["batch"], dim=UPSTREAM
     from minibert_lab.bench.harness import interleaved_times
     row = dict(kind=kind, length=length)
     if kind not in UPSTREAM_CLASSES: return dict(row, skipped="no runnable seed layer")
-    runs, mems, flops = [], [], []
+    runs, mems, costs = [], [], []
     for build in (lambda: _ours_jax(kind, length, batch, dim, heads, params),
                   lambda: _upstream_jax(mod, kind, length, batch, dim, heads, params)):
         run, c = build()
-        runs.append(run); mems.append(jax_peak_memory(c)); flops.append((c.cost_analysis() or {}).get("flops"))
+        runs.append(run); mems.append(jax_peak_memory(c)); costs.append(c.cost_analysis() or {})
+    g = lambda i, key: costs[i].get(key) and costs[i][key] / 1e9
     row |= dict(ours_mib=mems[0] / 2**20, upstream_mib=mems[1] / 2**20, memory_ratio=mems[1] / mems[0],
-                ours_gflop=flops[0] and flops[0] / 1e9, upstream_gflop=flops[1] and flops[1] / 1e9)
+                ours_gflop=g(0, "flops"), upstream_gflop=g(1, "flops"),
+                ours_gbyte=g(0, "bytes accessed"), upstream_gbyte=g(1, "bytes accessed"))  # XLA's count of bytes moved
     if max(mems) > UPSTREAM_MAX_BYTES:
         return dict(row, skipped=f"peak {max(mems) / 2**30:.3g} GiB > {UPSTREAM_MAX_BYTES / 2**30:.3g} GiB: not run")
     ours, up = interleaved_times(runs, repeats=repeats, max_time=max_time)
@@ -329,7 +331,7 @@ def upstream_case(mod, kind, length, batch=UPSTREAM_BENCH["batch"], dim=UPSTREAM
 
 UPSTREAM_MAX_BYTES = 8 * 2**30   # a compiled step needing more peak memory is reported (from XLA) but not run
 UPSTREAM_COLUMNS = ["kind", "length", "ours_s", "upstream_s", "time_ratio", "ours_mib", "upstream_mib", "memory_ratio",
-                    "ours_gflop", "upstream_gflop", "skipped", "error"]
+                    "ours_gflop", "upstream_gflop", "ours_gbyte", "upstream_gbyte", "skipped", "error"]
 
 def bench_upstream(quick: bool = False, device: str = "cpu", progress: bool = False,
                    kinds: Sequence[str] | None = None, upstream: str | None = None) -> SweepResult:

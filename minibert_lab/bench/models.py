@@ -15,9 +15,11 @@ from .harness import (Case, Sweep, SweepResult, model_train_flops, markdown_tabl
 # %% auto #0
 __all__ = ['MODEL_BENCH', 'MODEL_BENCH_BATCH', 'MODEL_BENCH_LENGTH', 'MASK_FRACTION', 'MODEL_BENCH_DROPOUT', 'MODEL_BENCH_LR',
            'MODEL_NAMES', 'MODELS_SWEEP', 'SLAY_STEP_KINDS', 'SLAY_STEP_PACKING', 'SLAY_STEP_DOCS', 'SLAY_STEP_PRESET',
-           'SLAY_STEP_SWEEP', 'model_bench_config', 'hf_bert_config', 'mlm_batch', 'models_table', 'bench_models',
+           'SLAY_STEP_SWEEP', 'FRAMEWORK_PRESETS', 'FRAMEWORK_ROUNDS', 'FRAMEWORK_BATCH', 'FRAMEWORK_LENGTH',
+           'FRAMEWORK_STEPS', 'model_bench_config', 'hf_bert_config', 'mlm_batch', 'models_table', 'bench_models',
            'models_figure', 'models_report', 'packed_mlm_batch', 'slay_step_table', 'bench_slay_step',
-           'slay_step_report']
+           'slay_step_report', 'framework_config', 'matmul_shapes', 'matmul_rows', 'frameworks_table',
+           'bench_frameworks', 'frameworks_report']
 
 # %% ../../nbs/53_bench_models.ipynb #0995eadc
 MODEL_BENCH = dict(dim=256, depth=4, heads=4, ffn_dim=1024, vocab_size=8192, max_len=128)
@@ -183,3 +185,94 @@ def slay_step_report(res: SweepResult) -> tuple[str, list]:
 
 register_benchmark("slay-step", bench_slay_step, slay_step_report,
                    "SLAY vs softmax tiny-preset MLM training step, unpacked and packed")
+
+# %% ../../nbs/53_bench_models.ipynb #5b42dd18
+FRAMEWORK_PRESETS = ("tiny", "mini")          # the training chapter's presets
+FRAMEWORK_ROUNDS = 3                          # alternating rounds: each preset, torch then JAX
+FRAMEWORK_BATCH, FRAMEWORK_LENGTH = 16, 128   # packed rows of the training chapter
+FRAMEWORK_STEPS = {"tiny": 8, "mini": 5}      # timed steps per measurement (after 2 warm-up steps)
+
+def framework_config(preset: str, framework: str, batch: int = FRAMEWORK_BATCH, length: int = FRAMEWORK_LENGTH):
+    "The experiment of one cell: `preset`, MLM on packed rows, fp32, dropout 0, trained by `framework`'s backend."
+    from minibert_lab.config import ExperimentConfig
+    return ExperimentConfig.preset(preset).override({"data.seq_len": length, "data.batch_size": batch,
+                                                     "train.framework": framework, "model.dropout": 0.0})
+
+def matmul_shapes(cfg, # a `ModelConfig`
+                  tokens: int, # tokens per step (batch x length)
+                  predicted: int, # rows of the MLM head
+                 ) -> dict[str, tuple[int, int, int]]:
+    "`(m, k, n)` of a training step's main matmuls (forward, and two transposed products of the backward)."
+    from minibert_lab.config import GATED_ACTIVATIONS
+    D, F, V = cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    Fin = 2 * F if cfg.activation in GATED_ACTIVATIONS else F
+    return {"qkv": (tokens, D, 3 * D), "attention out": (tokens, D, D), "ffn in": (tokens, D, Fin),
+            "ffn out": (tokens, F, D), "mlm head": (predicted, D, V), "weight grad, ffn in": (D, tokens, Fin),
+            "input grad, ffn out": (tokens, D, F)}
+
+def matmul_rows(shapes: dict, repeats: int = 20) -> list[dict]:
+    "GFLOP/s of fp32 `torch.mm` and jitted `jnp.matmul` per shape (medians, the two interleaved per shape)."
+    import time, statistics
+    import jax, jax.numpy as jnp, torch
+    mm, rows = jax.jit(jnp.matmul), []
+    for name, (m, k, n) in shapes.items():
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+        run = {"torch": (lambda ta=torch.from_numpy(a), tb=torch.from_numpy(b): torch.mm(ta, tb)),
+               "jax": (lambda ja=jnp.asarray(a), jb=jnp.asarray(b): mm(ja, jb).block_until_ready())}
+        t = {f: [] for f in run}
+        for f in run: run[f]()                                         # warm-up (XLA compiles here)
+        for _ in range(repeats):
+            for f, fn in run.items():
+                t0 = time.perf_counter(); fn(); t[f].append(time.perf_counter() - t0)
+        med = {f: statistics.median(v) for f, v in t.items()}
+        rows.append(dict(op=name, m=m, k=k, n=n, torch_gflop_s=2 * m * k * n / med["torch"] / 1e9,
+                         jax_gflop_s=2 * m * k * n / med["jax"] / 1e9, jax_over_torch=med["jax"] / med["torch"]))
+    return rows
+
+def frameworks_table(rows: list[dict]) -> list[dict]:
+    "Per preset: each framework's step (median over rounds of the median step), MFU, and JAX's step over torch's."
+    import statistics
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        s = {f: statistics.median(r["step_s"] for r in rows if r["preset"] == preset and r["framework"] == f) for f in ("torch", "jax")}
+        mfu = {f: statistics.median(r["mfu"] for r in rows if r["preset"] == preset and r["framework"] == f) for f in ("torch", "jax")}
+        out.append(dict(preset=preset, torch_step_ms=1e3 * s["torch"], jax_step_ms=1e3 * s["jax"], torch_mfu=mfu["torch"],
+                        jax_mfu=mfu["jax"], jax_over_torch=s["jax"] / s["torch"]))
+    return out
+
+def bench_frameworks(quick: bool = False, device: str = "cpu", progress: bool = False) -> SweepResult:
+    "JAX vs torch training steps on the training chapter's presets (alternating rounds), and per-shape matmul GFLOP/s."
+    import json
+    from minibert_lab.bench.harness import load_average, machine_info, matmul_peak
+    from minibert_lab.pretrain import measure_throughput
+    if device != "cpu": raise ValueError(f"device={device!r} is invalid for frameworks; allowed: 'cpu'")
+    load_before = load_average()
+    peaks = {f: matmul_peak(f)["peak_flop_s"] for f in ("torch", "jax")}
+    presets, rounds = (("tiny",), 1) if quick else (FRAMEWORK_PRESETS, FRAMEWORK_ROUNDS)
+    batch, length = (4, 32) if quick else (FRAMEWORK_BATCH, FRAMEWORK_LENGTH)
+    rows = []
+    for rnd in range(rounds):
+        for preset in presets:
+            for fw in ("torch", "jax"):
+                r = measure_throughput(framework_config(preset, fw, batch, length), steps=2 if quick else FRAMEWORK_STEPS[preset],
+                                       peak=peaks[fw])
+                rows.append(dict(round=rnd, preset=preset) | r)
+                if progress: print(json.dumps(dict(sweep="frameworks") | rows[-1]), flush=True)
+    cfg = framework_config(presets[-1], "torch", batch, length).model
+    tokens = batch * length
+    mm = matmul_rows(matmul_shapes(cfg, tokens, round(0.15 * tokens)), repeats=3 if quick else 20)
+    meta = machine_info(device) | dict(description=f"MLM training step of the torch and JAX backends, {', '.join(presets)} "
+                                       f"presets, packed {batch} x {length} tokens, fp32, dropout 0, {rounds} alternating "
+                                       "round(s); fp32 matmuls at the step's shapes", peaks=peaks, load_before=load_before,
+                                       load_after=load_average(), table=frameworks_table(rows), matmuls=mm)
+    return SweepResult("frameworks", rows, meta)
+
+def frameworks_report(res: SweepResult) -> tuple[str, list]:
+    "Markdown tables: the step per preset and framework, and the matmuls at the step's shapes."
+    t = res.meta.get("table") or frameworks_table(res.rows)
+    return ("### Training step, JAX against torch\n\n" + markdown_table(t)
+            + "\n### fp32 matmuls at the step's shapes\n\n" + markdown_table(res.meta["matmuls"])), []
+
+register_benchmark("frameworks", bench_frameworks, frameworks_report,
+                   "JAX vs torch training step (tiny, mini) and per-shape matmul GFLOP/s, alternating rounds")

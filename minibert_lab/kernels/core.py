@@ -89,7 +89,7 @@ def _to_numpy(x):
     if array_api_compat.is_torch_array(x): return x.detach().cpu().numpy()
     return np.asarray(x)
 
-# %% ../../nbs/10_kernels.ipynb #98415b0b
+# %% ../../nbs/10_kernels.ipynb #0ea33bfd
 def rope_cos_sin(position_ids, # [B, L] (or [L]) integer positions
                  head_dim: int, # D, even
                  theta: float = ROPE_THETA, # RoPE base
@@ -123,7 +123,8 @@ def apply_rope(x, # [B, H, L, D]
     xp = array_namespace(x)
     half = x.shape[-1] // 2
     rot = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # [B, H, L, D]
-    return x * xp.astype(cos, x.dtype) + rot * xp.astype(sin, x.dtype)
+    if cos.dtype != x.dtype: cos, sin = xp.astype(cos, x.dtype), xp.astype(sin, x.dtype)  # (a cast copies: only when needed)
+    return x * cos + rot * sin
 
 # %% ../../nbs/10_kernels.ipynb #57e13243
 def token_mask(attention_mask, # [B, L] 1/True = real token, or None
@@ -1238,7 +1239,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         weights = A / _guard_den(xp, xp.sum(A, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
-# %% ../../nbs/10_kernels.ipynb #669b8fca
+# %% ../../nbs/10_kernels.ipynb #4e19458b
 CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
 
 @dataclass
@@ -1252,6 +1253,7 @@ class DecodeContext:
     reserve: int | None       # capacity to allocate at once (e.g. prompt + max_new_tokens, for a jitted loop)
     cache_dtype: Any          # storage dtype of a key/value cache (None: that of k)
     chunk_size: int           # prefill chunk length of recurrent states
+    attend: Callable | None = None  # a framework's fused softmax attention (q, K, V [B, Hkv, n, *], mask [B, 1, T, n]) -> out
 
 def cache_bucket(n: int, # tokens the cache must hold
                  max_len: int | None = None, # cap (the model's max_len)
@@ -1270,6 +1272,14 @@ def _grow(xp, a, axis, size):
     "Zero-pad `a` along `axis` to `size`."
     return _pad_len(xp, a, size - a.shape[axis], axis, value=0)
 
+def _write_slots(xp, buf, new, t: int, axis: int):
+    "`buf` with `new` written at slots t..t+T-1 along `axis`: in place for mutable arrays (torch without grad, numpy), else a new array."
+    T, lead = new.shape[axis], (slice(None),) * axis
+    if array_api_compat.is_numpy_array(buf) or (array_api_compat.is_torch_array(buf) and not (buf.requires_grad or new.requires_grad)):
+        buf[lead + (slice(t, t + T),)] = new  # O(T) per step instead of copying the whole cache
+        return buf
+    return xp.concat([buf[lead + (slice(None, t),)], new, buf[lead + (slice(t + T, None),)]], axis=axis)
+
 def kv_cache_step(spec, q, k, v, cache, state, params, ctx):
     "Exact kinds: write k, v `[B, Hkv, T, *]` into the key/value cache (lazy, bucketed), attend q `[B, H, T, D]` to it."
     xp = ctx.xp
@@ -1280,31 +1290,39 @@ def kv_cache_step(spec, q, k, v, cache, state, params, ctx):
         cache = dict(k=xp.zeros((B, Hkv, 0, D), dtype=sd, **_dev(k)), v=xp.zeros((B, Hkv, 0, E), dtype=sd, **_dev(k)),
                      valid=xp.zeros((B, 0), dtype=xp.bool, **_dev(k)), length=0)
     K, V, ok, t = cache["k"], cache["v"], cache["valid"], cache["length"]
-    if isinstance(t, int):  # concrete length: grow by buckets, write by slicing
-        C = K.shape[2]
-        if t + T > C:
+    cast = lambda a, dt: a if a.dtype == dt else xp.astype(a, dt)  # no copy when the dtype already fits
+    if isinstance(t, int):  # concrete length: grow by buckets, write the new slots (in place where arrays allow)
+        if t + T > K.shape[2]:
             C = cache_bucket(max(t + T, ctx.reserve or 0), ctx.max_len)
             K, V, ok = _grow(xp, K, 2, C), _grow(xp, V, 2, C), _grow(xp, ok, 1, C)  # [B, Hkv, C, *], [B, C]
-        K = xp.concat([K[:, :, :t], xp.astype(k, sd), K[:, :, t + T:]], axis=2)  # [B, Hkv, C, D]
-        V = xp.concat([V[:, :, :t], xp.astype(v, sd), V[:, :, t + T:]], axis=2)  # [B, Hkv, C, E]
-        ok = xp.concat([ok[:, :t], ctx.valid, ok[:, t + T:]], axis=1)  # [B, C]
+        K, V = _write_slots(xp, K, cast(k, sd), t, 2), _write_slots(xp, V, cast(v, sd), t, 2)  # [B, Hkv, C, *]
+        ok = _write_slots(xp, ok, ctx.valid, t, 1)  # [B, C]
+        n = t + T  # slots that can be visible: attend to the filled prefix only
+        Ks, Vs, oks = K[:, :, :n], V[:, :, :n], ok[:, :n]  # views
     else:  # traced length (jitted decoding): write slots t..t+T-1 of the preallocated cache by selection
-        C = K.shape[2]
-        rel = xp.arange(C, **_dev(K)) - t  # [C] slot minus the first new slot
+        n = K.shape[2]
+        rel = xp.arange(n, **_dev(K)) - t  # [C] slot minus the first new slot
         slot = (rel >= 0) & (rel < T)  # [C] slots receiving a new token
         src = xp.clip(rel, min=0, max=T - 1)  # [C] which new token each slot would take
-        K = xp.where(slot[None, None, :, None], xp.take(xp.astype(k, sd), src, axis=2), K)  # [B, Hkv, C, D]
-        V = xp.where(slot[None, None, :, None], xp.take(xp.astype(v, sd), src, axis=2), V)  # [B, Hkv, C, E]
+        K = xp.where(slot[None, None, :, None], xp.take(cast(k, sd), src, axis=2), K)  # [B, Hkv, C, D]
+        V = xp.where(slot[None, None, :, None], xp.take(cast(v, sd), src, axis=2), V)  # [B, Hkv, C, E]
         ok = xp.where(slot[None, :], xp.take(ctx.valid, src, axis=1), ok)  # [B, C]
-    Kr = _repeat_heads(xp, xp.astype(K, q.dtype), H)  # [B, H, C, D]
-    Vr = _repeat_heads(xp, xp.astype(V, q.dtype), H)  # [B, H, C, E]
-    qi = t + xp.arange(T, **_dev(K))  # [T] cache slots of the new queries
-    d = qi[:, None] - xp.arange(C, **_dev(K))[None, :]  # [T, C] query minus key slot
-    vis = d >= 0
-    if ctx.window is not None: vis = vis & (d <= ctx.window)
-    mask = vis[None, None] & ok[:, None, None, :] & ctx.valid[:, None, :, None]  # [B, 1, T, C]
-    w = _normalise(xp, spec.score(xp, q, Kr, params), mask, spec.normalization(params))  # [B, H, T, C]
-    return w @ Vr, dict(k=K, v=V, valid=ok, length=t + T)
+        Ks, Vs, oks = K, V, ok
+    new = dict(k=K, v=V, valid=ok, length=t + T)
+    if T == 1 and ctx.window is None and isinstance(t, int):  # one token after the filled prefix (n = t + 1) sees every slot
+        mask = oks[:, None, None, :] & ctx.valid[:, None, :, None]  # [B, 1, 1, n]
+    else:
+        qi = t + xp.arange(T, **_dev(K))  # [T] cache slots of the new queries
+        d = qi[:, None] - xp.arange(n, **_dev(K))[None, :]  # [T, n] query minus key slot
+        vis = d >= 0
+        if ctx.window is not None: vis = vis & (d <= ctx.window)
+        mask = vis[None, None] & oks[:, None, None, :] & ctx.valid[:, None, :, None]  # [B, 1, T, n]
+    if ctx.attend is not None and spec.fused_softmax:  # the framework's fused kernel (grouped heads, no repeat)
+        return ctx.attend(q, cast(Ks, q.dtype), cast(Vs, q.dtype), mask), new
+    Kr = _repeat_heads(xp, cast(Ks, q.dtype), H)  # [B, H, n, D]
+    Vr = _repeat_heads(xp, cast(Vs, q.dtype), H)  # [B, H, n, E]
+    w = _normalise(xp, spec.score(xp, q, Kr, params), mask, spec.normalization(params))  # [B, H, T, n]
+    return w @ Vr, new
 
 def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
     xp = ctx.xp
@@ -1372,6 +1390,7 @@ def decode_attention(kind: str, # attention kind
                      reserve: int | None = None, # capacity to allocate at once (key/value caches)
                      cache_dtype=None, # key/value storage dtype (e.g. bfloat16), None: k's dtype
                      chunk_size: int | None = None, # prefill chunk length of recurrent states
+                     attend: Callable | None = None, # fused softmax attention for `fused_softmax` kinds (see `DecodeContext`)
                     ):
     "Causal attention of T new tokens given the cache of the earlier ones: `(out [B, H, T, E], new cache)`."
     spec = get_kind(kind)
@@ -1392,7 +1411,7 @@ def decode_attention(kind: str, # attention kind
     if position_ids is None: position_ids = xp.broadcast_to(t + xp.arange(T, **_dev(q))[None, :], (B, T))  # [B, T]
     st = None if spec.exact else _state_arrays(xp, spec, state, q, H, p)
     ctx = DecodeContext(xp, valid, position_ids, window, max_len, reserve, cache_dtype,
-                        chunk_size or (params or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE)
+                        chunk_size or (params or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE, attend)
     return spec.decode_step(spec, q, k, v, cache, st, p, ctx)
 
 def cache_nbytes(cache) -> int:

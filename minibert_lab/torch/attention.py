@@ -53,7 +53,7 @@ def rope_tables(position_ids: torch.Tensor | None, # [B, L] positions, or None f
     cos, sin = kernels.rope_cos_sin(pos, head_dim, theta)  # [B or 1, 1, L, D] each
     return cos.to(dtype), sin.to(dtype)
 
-# %% ../../nbs/11_attention.torch.ipynb #f1e51a48
+# %% ../../nbs/11_attention.torch.ipynb #1f155ce1
 class Attention(nn.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES`."
     def __init__(self, kind: str, # attention kind
@@ -99,9 +99,18 @@ class Attention(nn.Module):
         ps = (self.q_proj, self.k_proj, self.v_proj)
         if not all(type(p) is nn.Linear and type(p.weight) is nn.Parameter for p in ps):
             return tuple(p(x) for p in ps)  # adapters, quantized weights (tensor subclasses): their own forward
-        w = torch.cat([p.weight for p in ps])  # [(H + 2 Hkv) D, dim]
-        b = None if ps[0].bias is None else torch.cat([p.bias for p in ps])  # [(H + 2 Hkv) D]
+        w, b = self._fused_qkv(ps)  # [(H + 2 Hkv) D, dim], [(H + 2 Hkv) D] | None
         return F.linear(x, w, b).split([p.out_features for p in ps], dim=-1)  # [B, L, H*D], 2 x [B, L, Hkv*D] (views)
+
+    def _fused_qkv(self, ps):
+        "The concatenated q, k, v weights and biases; without autograd, kept until a parameter changes (decoding reuses them)."
+        tensors = [t for p in ps for t in (p.weight, p.bias) if t is not None]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.cat([p.weight for p in ps]), None if ps[0].bias is None else torch.cat([p.bias for p in ps])
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)  # in-place updates bump `_version`
+        if getattr(self, "_qkv_cache", (None,))[0] != key:
+            self._qkv_cache = (key, torch.cat([p.weight for p in ps]), None if ps[0].bias is None else torch.cat([p.bias for p in ps]))
+        return self._qkv_cache[1:]
 
     def qkv(self, x, position_ids, # x [B, L, dim], position_ids [B, L] (unused when `rope` is given)
             rope=None, # precomputed `rope_tables` (cos, sin), shared by the layers of a model
@@ -171,6 +180,7 @@ class Attention(nn.Module):
                valid: torch.Tensor | None = None, # [B, T] bool real new tokens (left padding is False)
                reserve: int | None = None, # key/value cache capacity to allocate at once
                cache_dtype: torch.dtype | None = None, # key/value storage dtype (e.g. torch.bfloat16)
+               rope=None, # `rope_tables(position_ids, ...)` computed once by the caller (shared across layers)
               ):
         "Causal attention of new tokens given the cache of the earlier ones: `(y [B, T, dim], cache)` (`kernels.decode_attention`)."
         s = self.spec
@@ -178,14 +188,24 @@ class Attention(nn.Module):
         t = 0 if cache is None else cache["length"]
         if position_ids is None: position_ids = (t + torch.arange(T, device=x.device)).expand(B, T)  # [B, T]
         if valid is not None: x = torch.where(valid[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        q, k, v = self.qkv(x, position_ids)  # [B, H, T, D], 2 x [B, Hkv, T, D]
+        q, k, v = self.qkv(x, position_ids, rope)  # [B, H, T, D], 2 x [B, Hkv, T, D]
         cd = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
         state = {n: getattr(self, n).to(cd) for n in self.state_names}
         out, cache = kernels.decode_attention(s.kind, q.to(cd), k.to(cd), v.to(cd), cache, state, params=s.params,
                                               valid=valid, position_ids=position_ids, window=s.window, max_len=s.max_len,
-                                              reserve=reserve, cache_dtype=cache_dtype, chunk_size=s.chunk_size)
+                                              reserve=reserve, cache_dtype=cache_dtype, chunk_size=s.chunk_size,
+                                              attend=_sdpa_decode if self.fast_path else None)
         y = self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, dim))  # [B, H, T, D] -> [B, T, H, D] -> [B, T, dim]
         return y, cache
+
+# %% ../../nbs/11_attention.torch.ipynb #c8469264
+def _sdpa_decode(q, K, V, mask):
+    "Fused softmax attention of new queries `[B, H, T, D]` to a cache `K, V [B, Hkv, n, *]` under `mask [B, 1, T, n]`."
+    if bool(mask.all()):  # one new token, no padding, no window: nothing to mask (the common decoding step)
+        return F.scaled_dot_product_attention(q, K, V, enable_gqa=K.shape[1] != q.shape[1])
+    seen = mask.any(dim=-1, keepdim=True)  # [B, 1, T, 1] queries that see a key (left-padding queries see none)
+    out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask | ~seen, enable_gqa=K.shape[1] != q.shape[1])
+    return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 # %% ../../nbs/11_attention.torch.ipynb #269f5fe6
 def build_attention(kind: str, # attention kind, one of `kernels.ATTENTION_TYPES`

@@ -26,7 +26,7 @@ __all__ = ['activation_fn', 'RMSNorm', 'make_norm', 'FeedForward', 'validate_inp
            'init_weights', 'MiniBERT', 'MaskedLMOutput', 'MLMHead', 'chunked_cross_entropy', 'predicted_positions',
            'MiniBERTForMaskedLM', 'step_time_vs_hf']
 
-# %% ../../nbs/20_models.torch.ipynb #322fb87c
+# %% ../../nbs/20_models.torch.ipynb #3af023e4
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,                                       # erf GELU (BERT's "gelu")
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -73,7 +73,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda: return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused CUDA kernel
+        if x.is_cuda or (not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)):  # fused: CUDA, or inference
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
     def extra_repr(self) -> str: return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -209,7 +210,7 @@ class Embeddings(nn.Module):
         if self.norm is not None: x = self.norm(x)
         return self.drop(x)
 
-# %% ../../nbs/20_models.torch.ipynb #c752005b
+# %% ../../nbs/20_models.torch.ipynb #f11f2d03
 class EncoderOutput(NamedTuple):
     "What `MiniBERT` returns."
     last_hidden_state: torch.Tensor             # [B, L, dim] after the final norm
@@ -243,11 +244,12 @@ class Block(nn.Module):
 
     def _residual(self, x, a):
         "The block after its attention output `a`: residual, norms, FFN."
+        drop = self.drop if self.training else (lambda t: t)  # eval: no dropout call at all (decoding runs this per token)
         if self.prenorm:
-            x = x + self.drop(a)
-            return x + self.drop(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.drop(a))
-        return self.ffn_norm(x + self.drop(self.ffn(x)))
+            x = x + drop(a)
+            return x + drop(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + drop(a))
+        return self.ffn_norm(x + drop(self.ffn(x)))
 
     def decode(self, x, # new tokens' hidden states [B, T, dim]
                cache=None, # this block's attention cache (None: the first call)
@@ -255,10 +257,11 @@ class Block(nn.Module):
                valid=None, # [B, T] bool real new tokens
                reserve=None, # key/value cache capacity to allocate at once
                cache_dtype=None, # key/value storage dtype
+               rope=None, # RoPE tables shared by the layers (`rope_tables`), or None
               ):
         "The block on new tokens, attending causally through the cache: `(x [B, T, dim], cache)`."
         h = self.attn_norm(x) if self.prenorm else x
-        a, cache = self.attn.decode(h, cache, position_ids, valid, reserve, cache_dtype)
+        a, cache = self.attn.decode(h, cache, position_ids, valid, reserve, cache_dtype, rope)
         return self._residual(x, a), cache
 
 def init_weights(module: nn.Module, # a model (all submodules are visited)
