@@ -229,3 +229,35 @@ def test_jax_decode_float64_every_kind():
     assert r.returncode == 0, r.stderr[-3000:]
     errs = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(errs) == set(ATTENTION_TYPES) and max(errs.values()) < 1e-10, errs
+
+
+# --- torch decoding fast paths: in-place cache writes, fused SDPA for fused-softmax kinds --------------------------
+
+def test_kv_cache_is_written_in_place_and_grows_by_buckets():
+    from minibert_lab.kernels import decode_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4 if n == "q" else 2, 1, 8, generator=g, dtype=torch.float64) for n in "qkv")
+    _, c = decode_attention("standard", q, k, v, reserve=16)
+    ptr = c["k"].data_ptr()
+    for _ in range(15): _, c = decode_attention("standard", q, k, v, c)
+    assert c["k"].data_ptr() == ptr and c["length"] == 16 and c["k"].shape[2] == 16   # no copy while the bucket has room
+    _, c = decode_attention("standard", q, k, v, c)
+    assert c["k"].shape[2] == 32 and c["length"] == 17                                  # grown to the next bucket
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_sdpa_decode_equals_the_generic_kv_cache_path(T):
+    from minibert_lab.kernels import decode_attention
+    from minibert_lab.torch.attention import _sdpa_decode
+    g = torch.Generator().manual_seed(1)
+    new = lambda h, t: torch.randn(3, h, t, 8, generator=g, dtype=torch.float64)
+    valid = torch.ones(3, 7, dtype=torch.bool); valid[1, :3] = False; valid[2, :6] = False   # left padding
+    caches = {}
+    for name, attend in (("generic", None), ("sdpa", _sdpa_decode)):
+        g.manual_seed(1)
+        q, k, v = new(4, 7), new(2, 7), new(2, 7)
+        out0, c = decode_attention("standard", q, k, v, valid=valid, attend=attend)   # prefill with padding
+        q, k, v = new(4, T), new(2, T), new(2, T)
+        out1, c = decode_attention("standard", q, k, v, c, attend=attend)
+        caches[name] = (out0, out1)
+    for a, b in zip(caches["generic"], caches["sdpa"]): torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -1239,7 +1239,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         weights = A / _guard_den(xp, xp.sum(A, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
-# %% ../../nbs/10_kernels.ipynb #4e19458b
+# %% ../../nbs/10_kernels.ipynb #4e4e3ee1
 CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
 
 @dataclass
@@ -1344,13 +1344,16 @@ def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
         fk = fk * _masked_exp(xp, lk - m_new[..., None], lk > low)[..., None]  # [B, H, T, F] scaled by e^{-m_new}
         S = S * xp.exp(m - m_new)[..., None, None]  # [B, H, F, E+1] rescaled to e^{-m_new}
         m = m_new
-    i = xp.arange(T, **_dev(q))
-    A = fq @ _mT(xp, fk)  # [B, H, T, T]
-    A = xp.where((i[:, None] >= i[None, :])[None, None], A, xp.zeros_like(A))  # causal within the chunk
-    tot = fq @ S + A @ v1  # [B, H, T, E+1]
+    S_new = S + _mT(xp, fk) @ v1  # [B, H, F, E+1] state += Σ φ(k_j) [v_j; 1]ᵀ
+    if T == 1: tot = fq @ S_new  # one token (a decoding step): its key is the state's newest term
+    else:
+        i = xp.arange(T, **_dev(q))
+        A = fq @ _mT(xp, fk)  # [B, H, T, T]
+        A = xp.where((i[:, None] >= i[None, :])[None, None], A, xp.zeros_like(A))  # causal within the chunk
+        tot = fq @ S + A @ v1  # [B, H, T, E+1]
     out = tot[..., :-1] / _guard_den(xp, tot[..., -1:], spec.positive)  # [B, H, T, E]
     out = xp.where(kv, out, xp.zeros_like(out))
-    return out, S + _mT(xp, fk) @ v1, m  # state += Σ φ(k_j) [v_j; 1]ᵀ
+    return out, S_new, m
 
 def recurrent_state_step(spec, q, k, v, cache, state, params, ctx):
     "Feature-map kinds: fold k, v `[B, Hkv, T, *]` into the fixed-size state `Σφ(k)[v; 1]ᵀ`, read it with φ(q)."
