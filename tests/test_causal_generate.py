@@ -72,8 +72,9 @@ def test_bench_decode_costs_and_targets():
     from minibert_lab.bench.decode import QUICK_MODEL, TARGET_CONTEXT, decode_costs, decode_model, decode_targets
     from minibert_lab.bench.harness import SweepResult
     tiny = dict(QUICK_MODEL, dim=16, ffn_dim=16, depth=1)
-    rows = {k: decode_costs(decode_model(k, 64, tiny), (16, 32), steps=2) for k in ("standard", "linear")}
-    assert [r["context"] for r in rows["standard"]] == [16, 32]
+    flat = decode_costs({k: decode_model(k, 64, tiny) for k in ("standard", "linear")}, (16, 32), steps=2)
+    assert [(r["kind"], r["context"]) for r in flat] == [("standard", 16), ("standard", 32), ("linear", 16), ("linear", 32)]
+    rows = {k: [r for r in flat if r["kind"] == k] for k in ("standard", "linear")}
     assert rows["standard"][1]["cache_mib"] == 2 * rows["standard"][0]["cache_mib"]      # the KV cache holds every token
     assert rows["linear"][1]["cache_mib"] == rows["linear"][0]["cache_mib"]              # the state does not grow
     res = SweepResult("decode", [dict(kind="standard", context=TARGET_CONTEXT, step_ms=4.0),

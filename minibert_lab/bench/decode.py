@@ -20,13 +20,13 @@ __all__ = ['DECODE_KINDS', 'DECODE_CONTEXTS', 'DECODE_MODEL', 'QUICK_CONTEXTS', 
            'TARGET_CONTEXT', 'TARGET_RATIO', 'decode_model', 'decode_costs', 'generate_vs_hf', 'bench_decode',
            'decode_targets', 'decode_report', 'decode_figure']
 
-# %% ../../nbs/55_bench_decode.ipynb #ded9fa79
+# %% ../../nbs/55_bench_decode.ipynb #f5fcfc36
 DECODE_KINDS = ("standard", "linear", "slay")                 # KV-cache softmax vs recurrent linear and SLAY
 DECODE_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)      # context lengths (tokens before the timed steps)
 DECODE_MODEL = dict(dim=256, heads=4, kv_heads=2, ffn_dim=512, depth=4, vocab_size=1000)   # Llama-shaped, head dim 64
 QUICK_CONTEXTS = (128, 256)                                   # --quick: a tiny model and short contexts (seconds)
 QUICK_MODEL = dict(dim=64, heads=4, kv_heads=2, ffn_dim=128, depth=2, vocab_size=1000)
-DECODE_STEPS = 16                                             # timed decoding steps per context (median reported)
+DECODE_STEPS = 32                                             # timed rounds per context (median reported)
 PREFILL_CHUNK = 512                                           # tokens per prefill call
 TARGET_CONTEXT, TARGET_RATIO = 8192, 0.5                      # target: recurrent slay step <= 0.5x the KV-cache softmax step at 8k
 
@@ -38,22 +38,27 @@ def decode_model(kind: str, max_len: int, model: dict | None = None):
                                                  **(DECODE_MODEL if model is None else model))).eval()
 
 @torch.no_grad()
-def decode_costs(model, contexts, steps: int = DECODE_STEPS) -> list[dict]:
-    "One growing sequence: prefill up to each context in chunks, record the cache's bytes, then time `steps` decoding steps (each extends the cache)."
+def decode_costs(models: dict, # kind -> causal LM (`decode_model`), all decoding the same sequence
+                 contexts, steps: int = DECODE_STEPS) -> list[dict]:
+    "One growing sequence: prefill every model up to each context in chunks, record its cache's bytes, then time `steps` rounds of one decoding step per model (interleaved)."
     n = max(contexts) + steps * len(contexts)
-    ids = torch.randint(1, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
-    cache, held, rows = None, 0, []
+    vocab = min(m.cfg.vocab_size for m in models.values())
+    ids = torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    caches, held, rows = dict.fromkeys(models), 0, []
     for ctx in contexts:
-        for s in range(held, ctx, PREFILL_CHUNK):
-            _, cache = model.decode(ids[:, s:min(ctx, s + PREFILL_CHUNK)], cache)
+        for k, m in models.items():
+            for s in range(held, ctx, PREFILL_CHUNK):
+                _, caches[k] = m.decode(ids[:, s:min(ctx, s + PREFILL_CHUNK)], caches[k])
         held = max(held, ctx)
-        mib = cache_nbytes(cache["layers"]) / 2 ** 20          # allocated: a KV cache holds exactly ctx slots here
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter(); _, cache = model.decode(ids[:, held:held + 1], cache); times.append(time.perf_counter() - t0)
+        mib = {k: cache_nbytes(c["layers"]) / 2 ** 20 for k, c in caches.items()}   # allocated: a KV cache holds ctx slots
+        times = {k: [] for k in models}
+        for _ in range(steps):                               # one step of every model per round: drift hits all alike
+            for k, m in models.items():
+                t0 = time.perf_counter(); _, caches[k] = m.decode(ids[:, held:held + 1], caches[k])
+                times[k].append(time.perf_counter() - t0)
             held += 1
-        rows.append(dict(context=ctx, step_ms=1e3 * statistics.median(times), cache_mib=mib))
-    return rows
+        rows += [dict(kind=k, context=ctx, step_ms=1e3 * statistics.median(times[k]), cache_mib=mib[k]) for k in models]
+    return sorted(rows, key=lambda r: (list(models).index(r["kind"]), r["context"]))
 
 @torch.no_grad()
 def generate_vs_hf(model: dict | None = None, new_tokens: int = 32, prompt: int = 64, repeats: int = 5) -> dict:
@@ -87,12 +92,10 @@ def bench_decode(quick: bool = False, device: str = "cpu", progress: bool = Fals
     if device != "cpu": raise ValueError(f"device={device!r}; allowed: 'cpu' (the decode table runs on CPU)")
     contexts, model = (QUICK_CONTEXTS, QUICK_MODEL) if quick else (DECODE_CONTEXTS, DECODE_MODEL)
     steps = 4 if quick else DECODE_STEPS
-    rows = []
-    for kind in kinds:
-        m = decode_model(kind, max(contexts) + steps * len(contexts), model)
-        for r in decode_costs(m, contexts, steps):
-            rows.append(dict(kind=kind, **r))
-            if progress: print(rows[-1], flush=True)
+    models = {k: decode_model(k, max(contexts) + steps * len(contexts), model) for k in kinds}
+    rows = decode_costs(models, contexts, steps)
+    if progress:
+        for r in rows: print(r, flush=True)
     g = generate_vs_hf(model, *((8, 16, 3) if quick else ()))
     if progress: print(g, flush=True)
     meta = dict(machine_info(device), threads=torch.get_num_threads(), model=model, steps=steps, generate=g,
