@@ -186,7 +186,7 @@ def slay_step_report(res: SweepResult) -> tuple[str, list]:
 register_benchmark("slay-step", bench_slay_step, slay_step_report,
                    "SLAY vs softmax tiny-preset MLM training step, unpacked and packed")
 
-# %% ../../nbs/53_bench_models.ipynb #5b42dd18
+# %% ../../nbs/53_bench_models.ipynb #4cd75e49
 FRAMEWORK_PRESETS = ("tiny", "mini")          # the training chapter's presets
 FRAMEWORK_ROUNDS = 3                          # alternating rounds: each preset, torch then JAX
 FRAMEWORK_BATCH, FRAMEWORK_LENGTH = 16, 128   # packed rows of the training chapter
@@ -211,23 +211,17 @@ def matmul_shapes(cfg, # a `ModelConfig`
             "input grad, ffn out": (tokens, D, F)}
 
 def matmul_rows(shapes: dict, repeats: int = 20) -> list[dict]:
-    "GFLOP/s of fp32 `torch.mm` and jitted `jnp.matmul` per shape (medians, the two interleaved per shape)."
-    import time, statistics
+    "GFLOP/s of fp32 `torch.mm` and jitted `jnp.matmul` per shape (the two interleaved per shape, `interleaved_times`)."
     import jax, jax.numpy as jnp, torch
+    from minibert_lab.bench.harness import interleaved_times
     mm, rows = jax.jit(jnp.matmul), []
     for name, (m, k, n) in shapes.items():
         rng = np.random.default_rng(0)
         a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
-        run = {"torch": (lambda ta=torch.from_numpy(a), tb=torch.from_numpy(b): torch.mm(ta, tb)),
-               "jax": (lambda ja=jnp.asarray(a), jb=jnp.asarray(b): mm(ja, jb).block_until_ready())}
-        t = {f: [] for f in run}
-        for f in run: run[f]()                                         # warm-up (XLA compiles here)
-        for _ in range(repeats):
-            for f, fn in run.items():
-                t0 = time.perf_counter(); fn(); t[f].append(time.perf_counter() - t0)
-        med = {f: statistics.median(v) for f, v in t.items()}
-        rows.append(dict(op=name, m=m, k=k, n=n, torch_gflop_s=2 * m * k * n / med["torch"] / 1e9,
-                         jax_gflop_s=2 * m * k * n / med["jax"] / 1e9, jax_over_torch=med["jax"] / med["torch"]))
+        ta, tb, ja, jb = torch.from_numpy(a), torch.from_numpy(b), jnp.asarray(a), jnp.asarray(b)
+        t_torch, t_jax = interleaved_times([lambda: torch.mm(ta, tb), lambda: mm(ja, jb).block_until_ready()], repeats=repeats)
+        rows.append(dict(op=name, m=m, k=k, n=n, torch_gflop_s=2 * m * k * n / t_torch.median / 1e9,
+                         jax_gflop_s=2 * m * k * n / t_jax.median / 1e9, jax_over_torch=t_jax.median / t_torch.median))
     return rows
 
 def frameworks_table(rows: list[dict]) -> list[dict]:

@@ -53,7 +53,7 @@ def rope_tables(position_ids: torch.Tensor | None, # [B, L] positions, or None f
     cos, sin = kernels.rope_cos_sin(pos, head_dim, theta)  # [B or 1, 1, L, D] each
     return cos.to(dtype), sin.to(dtype)
 
-# %% ../../nbs/11_attention.torch.ipynb #1f155ce1
+# %% ../../nbs/11_attention.torch.ipynb #f49cec47
 class Attention(nn.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES`."
     def __init__(self, kind: str, # attention kind
@@ -104,12 +104,10 @@ class Attention(nn.Module):
 
     def _fused_qkv(self, ps):
         "The concatenated q, k, v weights and biases; without autograd, kept until a parameter changes (decoding reuses them)."
-        tensors = [t for p in ps for t in (p.weight, p.bias) if t is not None]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat([p.weight for p in ps]), None if ps[0].bias is None else torch.cat([p.bias for p in ps])
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)  # in-place updates bump `_version`
-        if getattr(self, "_qkv_cache", (None,))[0] != key:
-            self._qkv_cache = (key, torch.cat([p.weight for p in ps]), None if ps[0].bias is None else torch.cat([p.bias for p in ps]))
+        cat = lambda: (torch.cat([p.weight for p in ps]), None if ps[0].bias is None else torch.cat([p.bias for p in ps]))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling(): return cat()  # training: weights change every step
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for p in ps for t in (p.weight, p.bias) if t is not None)
+        if getattr(self, "_qkv_cache", (None,))[0] != key: self._qkv_cache = (key, *cat())  # in-place updates bump `_version`
         return self._qkv_cache[1:]
 
     def qkv(self, x, position_ids, # x [B, L, dim], position_ids [B, L] (unused when `rope` is given)
@@ -131,9 +129,7 @@ class Attention(nn.Module):
         if attention_mask is not None or segment_ids is not None or s.window is not None:
             mask = kernels.visibility_mask(attention_mask, segment_ids, causal, s.window, q.shape[2], xp_torch)  # [B, 1, L, L]
         if mask is None: return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-        seen = mask.any(dim=-1, keepdim=True)  # [B, 1, L, 1] rows that see at least one key
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, dropout_p=p)  # [B, H, L, D]
-        return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return _masked_sdpa(q, k, v, mask, dropout_p=p)  # [B, H, L, D]
 
     def _core(self, q, k, v, attention_mask, position_ids, segment_ids, causal, output_attentions):
         s = self.spec
@@ -198,14 +194,18 @@ class Attention(nn.Module):
         y = self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, dim))  # [B, H, T, D] -> [B, T, H, D] -> [B, T, dim]
         return y, cache
 
-# %% ../../nbs/11_attention.torch.ipynb #c8469264
+# %% ../../nbs/11_attention.torch.ipynb #36a70853
+def _masked_sdpa(q, k, v, mask, **kw):
+    "SDPA under a boolean `mask [B, 1, Lq, Lk]`; query rows that see no key (padding) give 0, not NaN."
+    seen = mask.any(dim=-1, keepdim=True)  # [B, 1, Lq, 1] rows that see at least one key
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, **kw)  # [B, H, Lq, D]
+    return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
 def _sdpa_decode(q, K, V, mask):
     "Fused softmax attention of new queries `[B, H, T, D]` to a cache `K, V [B, Hkv, n, *]` under `mask [B, 1, T, n]`."
-    if bool(mask.all()):  # one new token, no padding, no window: nothing to mask (the common decoding step)
-        return F.scaled_dot_product_attention(q, K, V, enable_gqa=K.shape[1] != q.shape[1])
-    seen = mask.any(dim=-1, keepdim=True)  # [B, 1, T, 1] queries that see a key (left-padding queries see none)
-    out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask | ~seen, enable_gqa=K.shape[1] != q.shape[1])
-    return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    gqa = K.shape[1] != q.shape[1]  # grouped key/value heads: SDPA shares them without a repeat
+    if bool(mask.all()): return F.scaled_dot_product_attention(q, K, V, enable_gqa=gqa)  # the common step: nothing masked
+    return _masked_sdpa(q, K, V, mask, enable_gqa=gqa)
 
 # %% ../../nbs/11_attention.torch.ipynb #269f5fe6
 def build_attention(kind: str, # attention kind, one of `kernels.ATTENTION_TYPES`
