@@ -69,7 +69,7 @@ def test_lab_sample_of_a_causal_run_only():
 
 
 def test_bench_decode_costs_and_targets():
-    from minibert_lab.bench.decode import QUICK_MODEL, TARGET_CONTEXT, decode_costs, decode_model, decode_targets
+    from minibert_lab.bench.decode import FLOOR, QUICK_MODEL, TARGET_CONTEXT, decode_costs, decode_model, decode_targets
     from minibert_lab.bench.harness import SweepResult
     tiny = dict(QUICK_MODEL, dim=16, ffn_dim=16, depth=1)
     flat = decode_costs({k: decode_model(k, 64, tiny) for k in ("standard", "linear")}, (16, 32), steps=2)
@@ -81,3 +81,11 @@ def test_bench_decode_costs_and_targets():
                                  dict(kind="slay", context=TARGET_CONTEXT, step_ms=1.0)],
                       dict(generate=dict(speedup=0.9)))
     assert decode_targets(res) == dict(slay_ratio=0.25, slay_met=True, speedup=0.9, speed_met=False)
+    res.rows.append(dict(kind=FLOOR, context=TARGET_CONTEXT, step_ms=0.5))  # the step with attention skipped
+    assert decode_targets(res) == dict(slay_ratio=0.25, slay_met=True, speedup=0.9, speed_met=False,
+                                       floor_ratio=0.125, attention_ratio=0.5 / 3.5)
+    from minibert_lab import kernels
+    original = kernels.decode_attention
+    flat = decode_costs({"standard": decode_model("standard", 64, tiny)}, (16,), steps=2, floor=True)
+    assert [(r["kind"], r["cache_mib"] == 0) for r in flat] == [("standard", False), (FLOOR, True)]
+    assert kernels.decode_attention is original  # the stand-in is gone after the timing

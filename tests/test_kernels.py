@@ -358,7 +358,7 @@ def test_form_choice_and_errors():
 
 
 def test_fused_slay_features_match_per_node_blocks():
-    "The fused feature map (one projection u·ω, one broadcast) equals per-node blocks √w_r (poly ⊗ prf_r), in float64."
+    "The fused feature map (one projection u·ω, one outer product) equals poly ⊗ (√w_r prf_r over nodes r), in float64; JAX's too."
     (q, _, _), _, _, _ = _inputs()
     p = dict(K.small_params("slay"), num_quad_nodes=3)
     st = K.init_state("slay", 2, 8, seed=1, **p)
@@ -370,7 +370,13 @@ def test_fused_slay_features_match_per_node_blocks():
     for s_r, w_r in zip(s, w):
         e = np.clip(np.sqrt(2 * s_r) * np.einsum("bhld,hdm->bhlm", u, st["omega"].astype(np.float64)) - s_r, -30, 30)
         prf = np.exp(e) / np.sqrt(st["omega"].shape[-1])
-        blocks.append(np.sqrt(w_r) * (poly[..., :, None] * prf[..., None, :]).reshape(*poly.shape[:3], -1))
+        blocks.append(np.sqrt(w_r) * prf)  # [B, H, L, M]
+    want = (poly[..., :, None, None] * np.stack(blocks, -2)[..., None, :, :]).reshape(*poly.shape[:3], -1)  # P·R·M
     ctx = K.FeatureContext(np, "query", None, None, False, 7)
-    got = K.get_kind("slay").features(q, {n: a.astype(np.float64) for n, a in st.items()}, p, ctx)
-    np.testing.assert_allclose(got, np.concatenate(blocks, -1), rtol=1e-12, atol=1e-15)
+    st64 = {n: a.astype(np.float64) for n, a in st.items()}
+    np.testing.assert_allclose(K.get_kind("slay").features(q, st64, p, ctx), want, rtol=1e-12, atol=1e-15)
+    import jax, jax.numpy as jnp
+    with jax.enable_x64(True):  # the JAX map builds the product with einsum (a dot_general): same layout, same numbers
+        got = K.get_kind("slay").features(jnp.asarray(q), {n: jnp.asarray(a) for n, a in st64.items()}, p,
+                                          K.FeatureContext(jnp, "query", None, None, False, 7))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-15)

@@ -17,12 +17,12 @@ from .harness import (FRAMEWORKS, Case, Sweep, SweepResult, _check_framework, at
 __all__ = ['ATTENTION_BENCH', 'ATTENTION_LENGTHS', 'ATTENTION_LENGTHS_QUICK', 'LONG_LENGTH', 'LONG_LENGTH_QUICK', 'LONG_KINDS',
            'EXACT_MEMORY_BUDGET', 'EXACT_SCORE_COPIES', 'ATTENTION_COLUMNS', 'UPSTREAM_BENCH', 'UPSTREAM_LENGTHS',
            'UPSTREAM_LENGTHS_QUICK', 'UPSTREAM_CLASSES', 'UPSTREAM_STUBS', 'UPSTREAM_MAX_BYTES', 'UPSTREAM_COLUMNS',
-           'SCALING_LENGTHS', 'SCALING_LENGTHS_QUICK', 'SCALING_MAX_CALL_S', 'SCALING_MAX_BYTES', 'SCALING_FIT_FROM',
-           'SCALING_COLUMNS', 'exact_score_bytes', 'attention_case', 'attention_sweep', 'long_sweep',
-           'crossover_lengths', 'memory_growth', 'attention_figure', 'bench_attention', 'crossover_table',
-           'attention_report', 'merge_results', 'load_upstream', 'position_range_params', 'upstream_case',
-           'bench_upstream', 'loglog_exponent', 'scaling_exponents', 'bench_scaling', 'upstream_report',
-           'scaling_report']
+           'PROFILE_KINDS', 'PROFILE_LENGTH', 'PROFILE_TOP', 'SCALING_LENGTHS', 'SCALING_LENGTHS_QUICK',
+           'SCALING_MAX_CALL_S', 'SCALING_MAX_BYTES', 'SCALING_FIT_FROM', 'SCALING_COLUMNS', 'exact_score_bytes',
+           'attention_case', 'attention_sweep', 'long_sweep', 'crossover_lengths', 'memory_growth', 'attention_figure',
+           'bench_attention', 'crossover_table', 'attention_report', 'merge_results', 'load_upstream',
+           'position_range_params', 'upstream_case', 'bench_upstream', 'bench_attention_profile', 'profile_report',
+           'loglog_exponent', 'scaling_exponents', 'bench_scaling', 'upstream_report', 'scaling_report']
 
 # %% ../../nbs/51_bench_attention.ipynb #ced8b0be
 ATTENTION_BENCH = dict(batch=1, dim=128, heads=2)   # head size 64, as in BERT
@@ -216,7 +216,7 @@ def merge_results(results: Sequence[SweepResult]) -> SweepResult:
 register_benchmark("attention", bench_attention, attention_report,
                    "forward+backward time and memory per attention kind x length", options=("kinds", "frameworks"))
 
-# %% ../../nbs/51_bench_attention.ipynb #3f0429dc
+# %% ../../nbs/51_bench_attention.ipynb #ba35c957
 UPSTREAM_BENCH = dict(batch=1, dim=256, heads=4)   # sizes of the seed comparison (issue #18): embed 256, 4 heads, batch 1
 UPSTREAM_LENGTHS, UPSTREAM_LENGTHS_QUICK = (2048, 8192, 16384), (32, 64)
 _R_M = lambda p: dict(num_quadrature_nodes=p["num_quad_nodes"], epsilon=p["epsilon"])
@@ -354,6 +354,40 @@ def bench_upstream(quick: bool = False, device: str = "cpu", progress: bool = Fa
                                        f"{UPSTREAM_BENCH['heads']} heads, interleaved; ratio = upstream / ours",
                                        sizes=UPSTREAM_BENCH, load_before=load_before, load_after=load_average())
     return SweepResult("attention-upstream", rows, meta)
+
+PROFILE_KINDS, PROFILE_LENGTH = ("slay-anchor", "slay-rm", "slay-nystrom", "slay-laplace"), 2048   # SLAY kinds at the seed's width, 2k
+PROFILE_TOP = 8                                                                     # operations kept per layer
+
+def bench_attention_profile(quick: bool = False, device: str = "cpu", progress: bool = False,
+                            kinds: Sequence[str] | None = None, upstream: str | None = None) -> SweepResult:
+    "Per-operation time of our compiled JAX layer and the seed's (forward + backward), from a profiler trace (`xla_op_times`)."
+    import json
+    from minibert_lab.bench.harness import load_average, machine_info, xla_op_times
+    if upstream is None: raise ValueError("upstream=None is invalid; allowed: the path of the seed script (--upstream PATH)")
+    if device != "cpu": raise ValueError(f"device={device!r} is invalid for attention-profile; allowed: 'cpu'")
+    mod, L, b = load_upstream(upstream), UPSTREAM_LENGTHS_QUICK[-1] if quick else PROFILE_LENGTH, UPSTREAM_BENCH
+    load_before, rows = load_average(), []
+    for kind in tuple(kinds or PROFILE_KINDS):
+        for side, build in (("ours", lambda: _ours_jax(kind, L, b["batch"], b["dim"], b["heads"], {})),
+                            ("seed", lambda: _upstream_jax(mod, kind, L, b["batch"], b["dim"], b["heads"], {}))):
+            run, compiled = build()
+            prof = xla_op_times(run, compiled, repeats=2 if quick else 5, top=PROFILE_TOP)
+            rows += [dict(kind=kind, length=L, side=side, rank=0, op="(all operations)", ms=prof["total_ms"])]
+            rows += [dict(kind=kind, length=L, side=side, rank=i + 1, **o) for i, o in enumerate(prof["ops"])]
+            if progress: print(json.dumps(dict(sweep="attention-profile", kind=kind, side=side, total_ms=prof["total_ms"])), flush=True)
+    meta = machine_info(device) | dict(description=f"per-operation time of one forward + backward at {L} tokens (batch "
+                                       f"{b['batch']}, dim {b['dim']}, {b['heads']} heads), ours and the seed's layer, "
+                                       "from a jax.profiler trace", sizes=b, load_before=load_before, load_after=load_average())
+    return SweepResult("attention-profile", rows, meta)
+
+def profile_report(res: SweepResult) -> tuple[str, list]:
+    "Markdown table of the costliest operations of each layer (rank 0: all operations)."
+    cols = ["kind", "side", "rank", "op", "ms", "source", "contains"]
+    return "### Where the step's time goes (XLA:CPU trace)\n\n" + markdown_table(res.rows, cols), []
+
+register_benchmark("attention-profile", bench_attention_profile, profile_report,
+                   "per-operation time of our JAX layers and the seed's (factored SLAY kinds, needs --upstream PATH)",
+                   options=("kinds", "upstream"))
 
 SCALING_LENGTHS = tuple(1024 * 2**i for i in range(7))   # 1k ... 64k
 SCALING_LENGTHS_QUICK = (64, 128, 256)

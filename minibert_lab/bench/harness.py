@@ -20,10 +20,10 @@ __all__ = ['DEVICES', 'FRAMEWORKS', 'MIN_TIME_S', 'MAX_TIME_S', 'MIN_MEASUREMENT
            'PROFILER_LOG_PREFIX', 'FWD_BWD_FACTOR', 'PEAK_MATMUL_SIZE', 'BUSY_LOAD_PER_CORE', 'MAX_ERROR_CHARS',
            'MATMUL_SWEEP', 'BENCHMARKS', 'cpu_model', 'xla_cpu_threads', 'load_average', 'machine_info', 'Timing',
            'summarize_times', 'pinned_threads', 'time_fn', 'torch_sync', 'jax_sync', 'quiet_fd2', 'torch_peak_memory',
-           'jax_peak_memory', 'matmul_flops', 'attention_flops', 'model_train_flops', 'model_flops_per_token',
-           'matmul_peak', 'Case', 'Sweep', 'SweepResult', 'markdown_table', 'machine_busy', 'interleaved_times',
-           'run_sweep', 'Benchmark', 'register_benchmark', 'get_benchmark', 'matmul_report', 'bench_matmul',
-           'render_benchmark', 'result_stem', 'run_benchmark']
+           'jax_peak_memory', 'xla_op_times', 'matmul_flops', 'attention_flops', 'model_train_flops',
+           'model_flops_per_token', 'matmul_peak', 'Case', 'Sweep', 'SweepResult', 'markdown_table', 'machine_busy',
+           'interleaved_times', 'run_sweep', 'Benchmark', 'register_benchmark', 'get_benchmark', 'matmul_report',
+           'bench_matmul', 'render_benchmark', 'result_stem', 'run_benchmark']
 
 # %% ../../nbs/50_bench.ipynb #56d36115
 DEVICES = ("cpu", "cuda")
@@ -250,6 +250,41 @@ def jax_peak_memory(compiled) -> int:
     m = compiled.memory_analysis()
     if m is None: raise ValueError("compiled.memory_analysis() returned None; this backend does not report memory")
     return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+# %% ../../nbs/50_bench.ipynb #72364c97
+def xla_op_times(run: Callable[[], Any], # one synchronised call of the compiled step
+                 compiled, # its compiled executable (`jax.jit(f).lower(...).compile()`), for the HLO's op names
+                 repeats: int = 3, # profiled calls (after one warm-up), times averaged over them
+                 top: int = 12, # operations kept, costliest first
+                ) -> dict:
+    "Milliseconds per call of the costliest operations of a compiled JAX step, from a profiler trace: `{total_ms, ops}`."
+    import glob, gzip, re, shutil, jax
+    hlo = compiled.as_text()
+    names = dict(re.findall(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]+)\"", hlo))  # instruction -> JAX op
+    bodies = dict(re.findall(r"\n%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S))  # computation -> its instructions
+    def contains(name):  # the opcodes inside a fusion (its called computation), in order of first use
+        line = re.search(rf"%{re.escape(name)} = [^\n]*", hlo)
+        callee = line and re.search(r"calls=%?([\w.\-]+)", line.group(0))
+        ops = re.findall(r"= \S+ ([a-z][\w\-]*)\(", bodies.get(callee.group(1), "") if callee else "")
+        return ", ".join(dict.fromkeys(o for o in ops if o not in ("parameter", "constant", "bitcast")))
+    run()
+    d = tempfile.mkdtemp(prefix="xla_trace_")
+    try:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        try:
+            for _ in range(repeats): run()
+        finally: jax.profiler.stop_trace()
+        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        if not files: raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {d}")
+        with gzip.open(files[0]) as f: ev = json.load(f)
+    finally: shutil.rmtree(d, ignore_errors=True)
+    per = {}
+    for e in ev["traceEvents"] if isinstance(ev, dict) else ev:
+        if e.get("ph") == "X" and e.get("name") in names:
+            per[e["name"]] = per.get(e["name"], 0.0) + e.get("dur", 0) / 1e3 / repeats  # µs -> ms per call
+    ops = sorted(per.items(), key=lambda kv: -kv[1])
+    return dict(total_ms=sum(per.values()),
+                ops=[dict(op=n, ms=t, source=names[n].split("/", 1)[-1], contains=contains(n)) for n, t in ops[:top]])
 
 # %% ../../nbs/50_bench.ipynb #fa314b4d
 FWD_BWD_FACTOR = 3  # backward = 2 x forward FLOPs

@@ -632,7 +632,7 @@ def _ref_rff(q, k, st, p, pos):
                                                      + ph[None, :, None, :])
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
-# %% ../../nbs/10_kernels.ipynb #50923e87
+# %% ../../nbs/10_kernels.ipynb #26cbfa5c
 @functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
@@ -644,12 +644,24 @@ def laguerre_nodes(num_nodes: int, # R
     t.flags.writeable = a.flags.writeable = False  # shared by every caller (cached)
     return t, a
 
-def _prf(xp, u, omega, s):
-    "Positive random features of e^{2 s û·k̂} at nodes `s` [R]: exp(√(2s_r) ωᵀû − s_r)/√M `[B, H, L, R, M]`, exponent clipped."
-    proj = (u @ omega)[..., None, :]  # [B, H, L, 1, M], one projection shared by every node
-    s = _as_array(xp, np.asarray(s, np.float64).reshape(-1, 1), u, u.dtype)  # [R, 1]
-    e = xp.clip(xp.sqrt(2 * s) * proj - s, min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)  # [B, H, L, R, M]
-    return xp.exp(e) / math.sqrt(omega.shape[-1])
+_CONSTANTS: dict = {}  # (values, dtype, device) -> torch tensor: small constants converted once, not at every call
+
+def _constant(xp, a: np.ndarray, like):
+    "The numpy constant `a` in `like`'s dtype: a torch tensor converted once per (dtype, device); numpy as is (JAX embeds it)."
+    if not array_api_compat.is_torch_array(like): return a.astype(like.dtype)  # never an array created under a JAX trace
+    key = (a.shape, a.tobytes(), like.dtype, like.device)
+    if key not in _CONSTANTS: _CONSTANTS[key] = xp.asarray(a, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+def _prf(xp, u, omega, s, w=None):
+    "Positive random features of e^{2 s û·k̂} at nodes `s` [R]: √w_r exp(√(2s_r) ωᵀû − s_r)/√M `[B, H, L, R, M]`, exponent clipped."
+    H, D, M = omega.shape
+    s = np.asarray(s, np.float64).reshape(-1, 1)  # [R, 1]
+    w = np.ones_like(s) if w is None else np.asarray(w, np.float64).reshape(-1, 1)
+    om = xp.reshape(omega[:, :, None, :] * _constant(xp, np.sqrt(2 * s), u), (H, D, s.shape[0] * M))  # [H, D, R·M]
+    proj = xp.reshape(u @ om, tuple(u.shape[:-1]) + (s.shape[0], M))  # [B, H, L, R, M]: the scaled ω of every node at once
+    e = xp.clip(proj - _constant(xp, s, u), min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)  # [B, H, L, R, M]
+    return xp.exp(e) * _constant(xp, np.sqrt(w / M), u)  # one product for the weights and 1/√M
 
 def _ref_prf_kernel(qu, ku, omega, s):
     def f(u):
@@ -684,18 +696,20 @@ def _slay_factors(poly, laplace=False):
         u = _unit(xp, x)  # [B, H, L, D]
         s, w = laguerre_nodes(params["num_quad_nodes"], params["epsilon"])
         if laplace: w = w * (2.0 + params["epsilon"]) ** 2 / 4  # α_r · C / 4
-        b = _prf(xp, u, state["omega"], s) * _as_array(xp, np.sqrt(w).reshape(-1, 1), u, u.dtype)  # [B, H, L, R, M]
+        b = _prf(xp, u, state["omega"], s, w)  # [B, H, L, R, M], √w_r-scaled
         return (None if poly is None else poly(xp, u, state)), b
     return factors
 
 def factor_features(a, # polynomial block [B, H, L, P], or None
                     b, # per-node random features [B, H, L, R, M]
                    ):
-    "φ `[B, H, L, R·P·M]` of factors: node r's block is a ⊗ b_r, built in one broadcast and one reshape."
+    "φ `[B, H, L, P·R·M]` of factors: the outer product a ⊗ b (one product, one reshape; a `dot_general` in JAX)."
     xp = array_namespace(b)
     B, H, L, R, M = b.shape
     if a is None: return xp.reshape(b, (B, H, L, R * M))
-    return xp.reshape(a[..., None, :, None] * b[..., :, None, :], (B, H, L, R * a.shape[-1] * M))  # [B, H, L, R, P, M]
+    if array_api_compat.is_jax_array(b): ab = xp.einsum("bhlp,bhlrm->bhlprm", a, b)  # gradients are contractions (dots)
+    else: ab = a[..., :, None, None] * b[..., None, :, :]  # [B, H, L, P, R, M]
+    return xp.reshape(ab, (B, H, L, a.shape[-1] * R * M))
 
 def _slay_maps(poly, laplace=False):
     "A SLAY kind's `features` and `factors` entries (φ is built from the factors)."
@@ -1026,7 +1040,7 @@ def linear_sums(fq, # φ(q) [B, H, L, F]
     r = xp.maximum(rf, rb)  # [B, H, L] common scale of both halves
     return fwd * xp.exp(rf - r)[..., None] + bwd * xp.exp(rb - r)[..., None]
 
-# %% ../../nbs/10_kernels.ipynb #aba37da6
+# %% ../../nbs/10_kernels.ipynb #e05e38e4
 def _check_inputs(q, k, v, attention_mask, segment_ids, position_ids, window, exact, kind):
     for n, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4: raise ValueError(f"{n} has shape {tuple(a.shape)}; allowed: [B, H, L, D]")
@@ -1217,7 +1231,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
     if form == "quadratic":
         mask = visibility_mask(am, sg, causal, None, L, xp, like=q)  # [B|1, 1, L, L] or None
         if fac is None: A = fq @ _mT(xp, fk)  # [B, H, L, L]
-        else:  # φ(q)·φ(k) = (a_q·a_k) Σ_r b_q,r·b_k,r: two thin products instead of one with F = R·P·M
+        else:  # φ(q)·φ(k) = (a_q·a_k) Σ_r b_q,r·b_k,r: two thin products instead of one with F = P·R·M
             A = xp.reshape(bq, (B, H, L, R * M)) @ _mT(xp, xp.reshape(bk, (B, H, L, R * M)))  # [B, H, L, L]
             if aq is not None: A = A * (aq @ _mT(xp, ak))
         A = _visible_kernel(xp, A, mask, lk)  # [B, H, L, L]
@@ -1239,7 +1253,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         weights = A / _guard_den(xp, xp.sum(A, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
-# %% ../../nbs/10_kernels.ipynb #4e4e3ee1
+# %% ../../nbs/10_kernels.ipynb #79689787
 CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
 
 @dataclass
@@ -1254,6 +1268,7 @@ class DecodeContext:
     cache_dtype: Any          # storage dtype of a key/value cache (None: that of k)
     chunk_size: int           # prefill chunk length of recurrent states
     attend: Callable | None = None  # a framework's fused softmax attention (q, K, V [B, Hkv, n, *], mask [B, 1, T, n]) -> out
+    dense: bool = False       # every new token is real (no `valid` was given): masking by `valid` is skipped
 
 def cache_bucket(n: int, # tokens the cache must hold
                  max_len: int | None = None, # cap (the model's max_len)
@@ -1324,6 +1339,11 @@ def kv_cache_step(spec, q, k, v, cache, state, params, ctx):
     w = _normalise(xp, spec.score(xp, q, Kr, params), mask, spec.normalization(params))  # [B, H, T, n]
     return w @ Vr, new
 
+def _add_outer(xp, S, a, b):
+    "`S + aᵀb` for one token (a `[..., 1, F]`, b `[..., 1, E]`): a broadcast product, one fused op in torch, no K=1 matmul."
+    if array_api_compat.is_torch_array(S): return S.addcmul(_mT(xp, a), b)
+    return S + _mT(xp, a) * b
+
 def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
     xp = ctx.xp
     T = q.shape[2]
@@ -1336,7 +1356,7 @@ def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
     fk = spec.features(k, state, params, FeatureContext(xp, "key", pos, kv, True, T))  # [B, H, T, F]
     lk = None
     if isinstance(fk, tuple): fk, lk = fk  # key log-scales [B, H, T]
-    fk = xp.where(kv, fk, xp.zeros_like(fk))  # pads add nothing to the state
+    if not ctx.dense: fk = xp.where(kv, fk, xp.zeros_like(fk))  # pads add nothing to the state
     if lk is not None:
         low = float(xp.finfo(fk.dtype).min) / 2
         lk = xp.where(valid[:, None, :], lk, xp.full_like(lk, low))  # [B, H, T]
@@ -1344,7 +1364,7 @@ def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
         fk = fk * _masked_exp(xp, lk - m_new[..., None], lk > low)[..., None]  # [B, H, T, F] scaled by e^{-m_new}
         S = S * xp.exp(m - m_new)[..., None, None]  # [B, H, F, E+1] rescaled to e^{-m_new}
         m = m_new
-    S_new = S + _mT(xp, fk) @ v1  # [B, H, F, E+1] state += Σ φ(k_j) [v_j; 1]ᵀ
+    S_new = _add_outer(xp, S, fk, v1) if T == 1 else S + _mT(xp, fk) @ v1  # [B, H, F, E+1] state += Σ φ(k_j) [v_j; 1]ᵀ
     if T == 1: tot = fq @ S_new  # one token (a decoding step): its key is the state's newest term
     else:
         i = xp.arange(T, **_dev(q))
@@ -1352,7 +1372,7 @@ def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
         A = xp.where((i[:, None] >= i[None, :])[None, None], A, xp.zeros_like(A))  # causal within the chunk
         tot = fq @ S + A @ v1  # [B, H, T, E+1]
     out = tot[..., :-1] / _guard_den(xp, tot[..., -1:], spec.positive)  # [B, H, T, E]
-    out = xp.where(kv, out, xp.zeros_like(out))
+    if not ctx.dense: out = xp.where(kv, out, xp.zeros_like(out))
     return out, S_new, m
 
 def recurrent_state_step(spec, q, k, v, cache, state, params, ctx):
@@ -1362,7 +1382,7 @@ def recurrent_state_step(spec, q, k, v, cache, state, params, ctx):
     k, v = _repeat_heads(xp, k, H), _repeat_heads(xp, v, H)  # [B, H, T, *]
     E = v.shape[-1]
     kv = ctx.valid[:, None, :, None]  # [B, 1, T, 1]
-    q, k, v = (xp.where(kv, a, xp.zeros_like(a)) for a in (q, k, v))  # pads never reach the result
+    if not ctx.dense: q, k, v = (xp.where(kv, a, xp.zeros_like(a)) for a in (q, k, v))  # pads never reach the result
     v1 = xp.concat([v, xp.ones((B, H, T, 1), dtype=v.dtype, **_dev(v))], axis=-1)  # [B, H, T, E+1]
     if cache is None:
         F = int(spec.feature_dim(D, params))
@@ -1409,12 +1429,13 @@ def decode_attention(kind: str, # attention kind
     if max_len is not None and isinstance(t, int) and t + T > max_len:
         raise ValueError(f"the cache holds {t} tokens and {T} more were given: {t + T} > max_len={max_len}; "
                          f"allowed: at most {max_len} tokens in all")
+    dense = valid is None  # no padding among the new tokens: the recurrent step skips its masking
     if valid is None: valid = xp.ones((B, T), dtype=xp.bool, **_dev(q))
     elif not xp.isdtype(valid.dtype, "bool"): valid = valid != 0
     if position_ids is None: position_ids = xp.broadcast_to(t + xp.arange(T, **_dev(q))[None, :], (B, T))  # [B, T]
     st = None if spec.exact else _state_arrays(xp, spec, state, q, H, p)
     ctx = DecodeContext(xp, valid, position_ids, window, max_len, reserve, cache_dtype,
-                        chunk_size or (params or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE, attend)
+                        chunk_size or (params or {}).get("chunk_size") or DEFAULT_CHUNK_SIZE, attend, dense)
     return spec.decode_step(spec, q, k, v, cache, st, p, ctx)
 
 def cache_nbytes(cache) -> int:

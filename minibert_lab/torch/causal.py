@@ -23,7 +23,7 @@ from .models import (Block, Embeddings, _from_pretrained, _save_pretrained, chun
 # %% auto #0
 __all__ = ['CausalLMOutput', 'MiniGPT', 'MiniGPTForCausalLM', 'decode_matches_forward']
 
-# %% ../../nbs/26a_causal.torch.ipynb #ec5c4c70
+# %% ../../nbs/26a_causal.torch.ipynb #e0893c36
 class CausalLMOutput(NamedTuple):
     "What `MiniGPTForCausalLM` returns (the fields the training loops read are those of `MaskedLMOutput`)."
     loss: torch.Tensor | None             # mean next-token CE over predicted positions
@@ -81,7 +81,7 @@ class MiniGPT(nn.Module):
         x = self.embeddings(input_ids, None, pos)  # [B, T, dim]
         rope, new = self._rope(pos, x.dtype), []
         for layer, c in zip(self.layers, layers):
-            x, c = layer.decode(x, c, pos, valid, reserve, cache_dtype, rope)
+            x, c = layer.decode(x, c, pos, None if attention_mask is None else valid, reserve, cache_dtype, rope)  # None: no padding to mask
             new.append(c)
         if self.final_norm is not None: x = self.final_norm(x)
         return x, dict(layers=new, next_position=start + valid.long().sum(1), length=(0 if cache is None else cache["length"]) + T)
@@ -152,16 +152,17 @@ class MiniGPTForCausalLM(nn.Module):
 for _cls in (MiniGPT, MiniGPTForCausalLM):
     _cls.save_pretrained, _cls.from_pretrained = _save_pretrained, classmethod(_from_pretrained)
 
-# %% ../../nbs/26a_causal.torch.ipynb #ba68aa12
+# %% ../../nbs/26a_causal.torch.ipynb #9f81cf15
 def decode_matches_forward(model: MiniGPTForCausalLM, # a causal LM (put it in eval mode)
                            input_ids, # [B, L] ids
                            attention_mask=None, # [B, L] left padding
                            prefill: int = 0, # tokens given in the first call (0: every token one by one)
                            cache_dtype=None, # key/value storage dtype
+                           reference=None, # [B, L, V] logits to compare with (e.g. a float64 twin's), None: the model's forward
                           ) -> float:
     "Largest |logit difference| between prefill + one-token decoding and the full causal forward, at real positions."
     with torch.no_grad():
-        full = model(input_ids, attention_mask).logits  # [B, L, V]
+        full = model(input_ids, attention_mask).logits if reference is None else reference  # [B, L, V]
         outs, cache, L = [], None, input_ids.shape[1]
         for a, b in [(0, prefill)] + [(i, i + 1) for i in range(prefill, L)]:
             if b == a: continue
