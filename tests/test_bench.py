@@ -391,6 +391,7 @@ def test_cli_bench_upstream_option_is_checked(capsys):
     "--upstream goes only to the benchmark that takes it, and that benchmark refuses to run without it."
     from minibert_lab.bench.cli import cli_bench
     with pytest.raises(SystemExit): cli_bench(["attention", "--upstream", "main.py"])
-    assert "takes no upstream; allowed with attention-upstream" in capsys.readouterr().err
+    assert "takes no upstream; allowed with attention-profile, attention-upstream" in capsys.readouterr().err
     with pytest.raises(ValueError, match="upstream=None"): cli_bench(["attention-upstream", "--quick"])
+    with pytest.raises(ValueError, match="upstream=None"): cli_bench(["attention-profile", "--quick"])
     with pytest.raises(ValueError, match="no such file"): cli_bench(["attention-upstream", "--quick", "--upstream", "missing/main.py"])
