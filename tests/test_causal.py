@@ -249,6 +249,21 @@ def test_kv_cache_is_written_in_place_and_grows_by_buckets():
     assert c["k"].shape[2] == 32 and c["length"] == 17                                  # grown to the next bucket
 
 
+def test_recurrent_state_is_updated_in_place_by_one_token_steps():
+    "A one-token step adds to the state in place (no new buffer); the sums equal a fresh prefill of the same tokens."
+    from minibert_lab.kernels import decode_attention, init_state, small_params
+    g = torch.Generator().manual_seed(0)
+    p = small_params("slay")
+    st = {n: torch.as_tensor(a) for n, a in init_state("slay", 4, 8, **p).items()}
+    q, k, v = (torch.randn(3, 4 if n == "q" else 2, 6, 8, generator=g, dtype=torch.float64) for n in "qkv")
+    _, c = decode_attention("slay", q[:, :, :2], k[:, :, :2], v[:, :, :2], None, st, params=p)
+    ptr = c["S"].data_ptr()
+    for t in range(2, 6): _, c = decode_attention("slay", q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], c, st, params=p)
+    _, fresh = decode_attention("slay", q, k, v, None, st, params=p)
+    assert c["S"].data_ptr() == ptr and c["length"] == 6
+    torch.testing.assert_close(c["S"], fresh["S"], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_sdpa_decode_equals_the_generic_kv_cache_path(T):
     from minibert_lab.kernels import decode_attention

@@ -81,6 +81,10 @@ def test_bench_decode_costs_and_targets():
                                  dict(kind="slay", context=TARGET_CONTEXT, step_ms=1.0)],
                       dict(generate=dict(speedup=0.9)))
     assert decode_targets(res) == dict(slay_ratio=0.25, slay_met=True, speedup=0.9, speed_met=False)
+    noisy = SweepResult("decode", [], dict(generate=dict(speedup=0.97, ratio_low=0.93, ratio_high=1.02)))
+    assert decode_targets(noisy)["speed_met"]            # slower by the medians, but not beyond the run's noise
+    noisy.meta["generate"]["ratio_high"] = 0.99
+    assert not decode_targets(noisy)["speed_met"]        # slower beyond it
     res.rows.append(dict(kind=FLOOR, context=TARGET_CONTEXT, step_ms=0.5))  # the step with attention skipped
     assert decode_targets(res) == dict(slay_ratio=0.25, slay_met=True, speedup=0.9, speed_met=False,
                                        floor_ratio=0.125, attention_ratio=0.5 / 3.5)

@@ -1253,7 +1253,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         weights = A / _guard_den(xp, xp.sum(A, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
-# %% ../../nbs/10_kernels.ipynb #79689787
+# %% ../../nbs/10_kernels.ipynb #9d119ff1
 CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
 
 @dataclass
@@ -1340,8 +1340,10 @@ def kv_cache_step(spec, q, k, v, cache, state, params, ctx):
     return w @ Vr, new
 
 def _add_outer(xp, S, a, b):
-    "`S + aᵀb` for one token (a `[..., 1, F]`, b `[..., 1, E]`): a broadcast product, one fused op in torch, no K=1 matmul."
-    if array_api_compat.is_torch_array(S): return S.addcmul(_mT(xp, a), b)
+    "`S + aᵀb` for one token (a `[..., 1, F]`, b `[..., 1, E]`): a broadcast product; in place in torch without autograd."
+    if array_api_compat.is_torch_array(S):
+        if S.requires_grad or a.requires_grad or b.requires_grad: return S.addcmul(_mT(xp, a), b)
+        return S.addcmul_(_mT(xp, a), b)  # no new F×(E+1) buffer per layer and token: allocating it cost more than the sum
     return S + _mT(xp, a) * b
 
 def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
