@@ -216,7 +216,7 @@ def merge_results(results: Sequence[SweepResult]) -> SweepResult:
 register_benchmark("attention", bench_attention, attention_report,
                    "forward+backward time and memory per attention kind x length", options=("kinds", "frameworks"))
 
-# %% ../../nbs/51_bench_attention.ipynb #ba35c957
+# %% ../../nbs/51_bench_attention.ipynb #67c30150
 UPSTREAM_BENCH = dict(batch=1, dim=256, heads=4)   # sizes of the seed comparison (issue #18): embed 256, 4 heads, batch 1
 UPSTREAM_LENGTHS, UPSTREAM_LENGTHS_QUICK = (2048, 8192, 16384), (32, 64)
 _R_M = lambda p: dict(num_quadrature_nodes=p["num_quad_nodes"], epsilon=p["epsilon"])
@@ -333,14 +333,18 @@ UPSTREAM_MAX_BYTES = 8 * 2**30   # a compiled step needing more peak memory is r
 UPSTREAM_COLUMNS = ["kind", "length", "ours_s", "upstream_s", "time_ratio", "ours_mib", "upstream_mib", "memory_ratio",
                     "ours_gflop", "upstream_gflop", "ours_gbyte", "upstream_gbyte", "skipped", "error"]
 
+def _seed_for(bench: str, upstream, device: str):
+    "The seed script's module for a benchmark that compares with it, after checking its arguments."
+    if upstream is None: raise ValueError("upstream=None is invalid; allowed: the path of the seed script (--upstream PATH)")
+    if device != "cpu": raise ValueError(f"device={device!r} is invalid for {bench}; allowed: 'cpu'")
+    return load_upstream(upstream)
+
 def bench_upstream(quick: bool = False, device: str = "cpu", progress: bool = False,
                    kinds: Sequence[str] | None = None, upstream: str | None = None) -> SweepResult:
     "Our JAX layers against the seed script's, same process, interleaved: forward + backward time and peak memory by length."
     import json
     from minibert_lab.bench.harness import load_average, machine_info
-    if upstream is None: raise ValueError("upstream=None is invalid; allowed: the path of the seed script (--upstream PATH)")
-    if device != "cpu": raise ValueError(f"device={device!r} is invalid for attention-upstream; allowed: 'cpu'")
-    mod = load_upstream(upstream)
+    mod = _seed_for("attention-upstream", upstream, device)
     kinds = tuple(kinds or kernels.ATTENTION_TYPES)
     load_before, rows = load_average(), []
     for L in (UPSTREAM_LENGTHS_QUICK if quick else UPSTREAM_LENGTHS):
@@ -363,9 +367,7 @@ def bench_attention_profile(quick: bool = False, device: str = "cpu", progress: 
     "Per-operation time of our compiled JAX layer and the seed's (forward + backward), from a profiler trace (`xla_op_times`)."
     import json
     from minibert_lab.bench.harness import load_average, machine_info, xla_op_times
-    if upstream is None: raise ValueError("upstream=None is invalid; allowed: the path of the seed script (--upstream PATH)")
-    if device != "cpu": raise ValueError(f"device={device!r} is invalid for attention-profile; allowed: 'cpu'")
-    mod, L, b = load_upstream(upstream), UPSTREAM_LENGTHS_QUICK[-1] if quick else PROFILE_LENGTH, UPSTREAM_BENCH
+    mod, L, b = _seed_for("attention-profile", upstream, device), UPSTREAM_LENGTHS_QUICK[-1] if quick else PROFILE_LENGTH, UPSTREAM_BENCH
     load_before, rows = load_average(), []
     for kind in tuple(kinds or PROFILE_KINDS):
         for side, build in (("ours", lambda: _ours_jax(kind, L, b["batch"], b["dim"], b["heads"], {})),

@@ -632,7 +632,7 @@ def _ref_rff(q, k, st, p, pos):
                                                      + ph[None, :, None, :])
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
-# %% ../../nbs/10_kernels.ipynb #26cbfa5c
+# %% ../../nbs/10_kernels.ipynb #018c93e2
 @functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
@@ -653,15 +653,21 @@ def _constant(xp, a: np.ndarray, like):
     if key not in _CONSTANTS: _CONSTANTS[key] = xp.asarray(a, dtype=like.dtype, device=like.device)
     return _CONSTANTS[key]
 
+@functools.lru_cache(maxsize=None)
+def _prf_constants(s: tuple, w: tuple | None, M: int) -> tuple:
+    "Per-node numpy constants of `_prf` `[R, 1]` each: √(2s_r), s_r and √(w_r / M) (computed once per node set)."
+    s = np.asarray(s, np.float64).reshape(-1, 1)
+    w = np.ones_like(s) if w is None else np.asarray(w, np.float64).reshape(-1, 1)
+    return np.sqrt(2 * s), s, np.sqrt(w / M)
+
 def _prf(xp, u, omega, s, w=None):
     "Positive random features of e^{2 s û·k̂} at nodes `s` [R]: √w_r exp(√(2s_r) ωᵀû − s_r)/√M `[B, H, L, R, M]`, exponent clipped."
     H, D, M = omega.shape
-    s = np.asarray(s, np.float64).reshape(-1, 1)  # [R, 1]
-    w = np.ones_like(s) if w is None else np.asarray(w, np.float64).reshape(-1, 1)
-    om = xp.reshape(omega[:, :, None, :] * _constant(xp, np.sqrt(2 * s), u), (H, D, s.shape[0] * M))  # [H, D, R·M]
-    proj = xp.reshape(u @ om, tuple(u.shape[:-1]) + (s.shape[0], M))  # [B, H, L, R, M]: the scaled ω of every node at once
-    e = xp.clip(proj - _constant(xp, s, u), min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)  # [B, H, L, R, M]
-    return xp.exp(e) * _constant(xp, np.sqrt(w / M), u)  # one product for the weights and 1/√M
+    scale, shift, weight = _prf_constants(tuple(np.ravel(s)), None if w is None else tuple(np.ravel(w)), M)
+    om = xp.reshape(omega[:, :, None, :] * _constant(xp, scale, u), (H, D, scale.shape[0] * M))  # [H, D, R·M]
+    proj = xp.reshape(u @ om, tuple(u.shape[:-1]) + (scale.shape[0], M))  # [B, H, L, R, M]: the scaled ω of every node at once
+    e = xp.clip(proj - _constant(xp, shift, u), min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)  # [B, H, L, R, M]
+    return xp.exp(e) * _constant(xp, weight, u)  # one product for the weights and 1/√M
 
 def _ref_prf_kernel(qu, ku, omega, s):
     def f(u):
