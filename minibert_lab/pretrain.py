@@ -26,7 +26,8 @@ __all__ = ['TOKENIZER_DIR', 'MIN_VALIDATION_MASKED', 'EXPERIMENT_CONFIG', 'MODEL
            'prepare_data', 'check_validation', 'pretrain', 'read_json_file', 'read_experiment_config',
            'experiment_from_args', 'experiment_from_cli', 'pretrain_parser', 'cli_pretrain', 'ResolvedModel',
            'resolve_model_path', 'encode_prompts', 'cli_generate', 'unigram_entropy', 'time_to_loss', 'lab_config',
-           'fresh_lab_dir', 'lab', 'lab_sample', 'lab_setup', 'attention_side_by_side', 'write_lab_report', 'cli_lab']
+           'fresh_lab_dir', 'lab', 'lab_evidence', 'lab_sample', 'lab_setup', 'attention_side_by_side',
+           'write_lab_report', 'cli_lab']
 
 # %% ../nbs/43_pretrain.ipynb #c67152cf
 def measure_throughput(cfg: ExperimentConfig, # experiment (framework in `cfg.train.framework`)
@@ -340,7 +341,7 @@ def cli_generate(argv: Sequence[str]) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "tokens": new[:cut]}) if a.json else f"{prompt} {text}")
     return 0
 
-# %% ../nbs/43_pretrain.ipynb #b5293588
+# %% ../nbs/43_pretrain.ipynb #e34eb666
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
 LAB_SAMPLE_PROMPT, LAB_SAMPLE_TOKENS = 8, 24   # a causal run continues the first 8 tokens of a validation row by 24
 LAB_PRESET = "tiny"
@@ -375,7 +376,7 @@ LAB_ROOT = "runs/lab"   # `minibert-lab lab` without --out writes a fresh LAB_RO
 LAB_FILES = ("report.html", "results.json")
 LAB_NOISE_EVALS = 3     # the noise column: spread of the validation loss over a run's last evaluations
 DOCS_URL = "https://minibert-lab.github.io/minibert_lab"   # the documentation site (pyproject.toml, _quarto.yml)
-LAB_EXPLAINED = {"Benchmark: MLM quality at a fixed CPU budget": f"{DOCS_URL}/bench_quality.html",
+LAB_EXPLAINED = {"Benchmark: attention quality on a synthetic battery": f"{DOCS_URL}/bench_quality.html",
                  "Benchmark: attention kinds by length": f"{DOCS_URL}/bench_attention.html"}
 
 def fresh_lab_dir(root: str | Path = LAB_ROOT) -> Path:
@@ -452,10 +453,34 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
         r["time_to_target_s"] = time_to_loss(read_metrics(runs[r["run"]]), target)
     table = pd.DataFrame(rows + [{"run": "unigram entropy (reference)", "val_loss": entropy,
                                   "val_ppl": math.exp(entropy)}])
-    report = write_lab_report(out / "report.html", runs, maps, table, setup=setup, target=target)
+    evidence, verdict = lab_evidence(kinds)
+    report = write_lab_report(out / "report.html", runs, maps, table, setup=setup, target=target, evidence=evidence)
     (out / "results.json").write_text(json.dumps({"rows": rows, "unigram_entropy": entropy, "target_loss": target,
-                                                  "setup": setup}, indent=1))
-    return {"table": table, "report": report, "unigram_entropy": entropy, "target_loss": target, "setup": setup}
+                                                  "setup": setup, "slay_evidence": verdict}, indent=1))
+    return {"table": table, "report": report, "unigram_entropy": entropy, "target_loss": target, "setup": setup,
+            "slay_evidence": verdict}
+
+def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
+                 root: str | Path = ".", # the repository (where the committed benchmark results live)
+                ) -> tuple[str, str | None]:
+    "Why SLAY differs from softmax, from the committed quality battery: (HTML table and verdict, the verdict sentence); ('', None) without a SLAY run."
+    import pandas as pd
+    from minibert_lab.bench.harness import SweepResult
+    from minibert_lab.bench.quality import QUALITY_RESULTS, QUALITY_BUDGET_RESULTS, SLAY_LINE, slay_causes, slay_verdict
+    if SLAY_LINE not in kinds: return "", None
+    paths = [Path(root) / QUALITY_RESULTS, Path(root) / QUALITY_BUDGET_RESULTS]
+    if not paths[0].exists():
+        return (f"<p>The committed quality battery (<code>{QUALITY_RESULTS}</code>) is not under {html.escape(str(root))}: run "
+                f"the lab from the repository, or <code>minibert-lab bench quality --quick</code>.</p>", None)
+    res = SweepResult.from_json(paths[0])
+    causes = slay_causes(res, SweepResult.from_json(paths[1]) if paths[1].exists() else None)
+    verdict = slay_verdict(causes)
+    cols = ["cause", "a", "b", "seeds", "diff", "low", "high", "p_t", "verdict"]
+    t = pd.DataFrame(causes).reindex(columns=cols).to_html(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="")
+    b = res.meta["budget"]
+    return (f"<p>Each candidate cause as a paired difference of test accuracy over {len(b['seeds'])} seeds on the "
+            f"synthetic battery (<code>{QUALITY_RESULTS}</code>: {b['steps']} steps × {b['batch']} rows per run, "
+            f"learning rate best of {b['lrs']} per line):</p>\n{t}\n<p><b>{html.escape(verdict)}</b></p>", verdict)
 
 def lab_sample(backend, # a trained run's backend
                data, # its data (tokenizer, validation batches)
@@ -533,7 +558,7 @@ def _html_table(rows: Mapping[str, Any]) -> str:
                                for k, v in rows.items()) + "</table>"
 
 def write_lab_report(path: Path, runs: Mapping[str, Path], maps: Mapping[str, tuple], table,
-                     setup: Mapping[str, Any] | None = None, target: float | None = None) -> Path:
+                     setup: Mapping[str, Any] | None = None, target: float | None = None, evidence: str = "") -> Path:
     "The lab's HTML report: setup, the comparison table with its columns defined, noise, curves and attention maps."
     shown = {k: v for k, v in maps.items() if v is not None}   # causal runs have no attention maps (None)
     figs = [training_curves({k: read_metrics(v) for k, v in runs.items()}, metrics=["loss", "val_loss"])]
@@ -557,7 +582,9 @@ def write_lab_report(path: Path, runs: Mapping[str, Path], maps: Mapping[str, tu
             + "\n<h2>Columns</h2>\n<dl>" + "".join(f"<dt>{c}</dt><dd>{html.escape(LAB_COLUMNS[c])}</dd>" for c in cols)
             + f"</dl>\n<h2>How noisy</h2>\n<p>{noise}</p>\n<h2>Why</h2>\n<p class=\"note\">What the result means "
             f"(quality per step vs cost per step, and where linear-time attention pays off in length) is explained in "
-            f"the chapters {links}.</p>\n<h2>Curves and attention maps</h2>\n")
+            f"the chapters {links}.</p>\n"
+            + (f"<h2>Why SLAY differs: evidence from the quality battery</h2>\n{evidence}\n" if evidence else "")
+            + "<h2>Curves and attention maps</h2>\n")
     p.write_text(p.read_text().replace("<body>\n", "<body>\n" + head, 1))
     return p
 
@@ -583,5 +610,6 @@ def cli_lab(argv: Sequence[str]) -> int:
     print(res["table"][cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
     for r in res["table"].to_dict("records"):
         if isinstance(r.get("sample"), str): print(f"sample of {r['run']} (prompt ‖ greedy continuation): {r['sample']}")
+    if res.get("slay_evidence"): print(res["slay_evidence"])
     print(f"report: {res['report']}")
     return 0

@@ -358,6 +358,7 @@ def test_quality_quick_end_to_end(tmp_path, monkeypatch, capsys):
     m = res.meta
     assert m["quick"] and m["versions"]["torch"] and m["cpu"] and m["budget"]["seeds"] == [0, 1, 2]
     assert m["budget"]["steps"] == 3 and m["budget"]["lrs"] == [1e-2, 3e-3] and m["budget"]["batch"] == 4
+    assert m["budget"]["shift"] is True and "previous token" in m["description"]
     assert [e["label"] for e in m["entries"]] == [quality.BASELINE, quality.UNIFORM]
     assert len(res.rows) == 2 * (2 + 2)                                  # 2 learning rates on seed 0, then 2 more seeds
     t = {r["label"]: r for r in m["table"]}

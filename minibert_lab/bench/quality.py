@@ -19,13 +19,15 @@ from .harness import SweepResult, _error_text, _json_default, load_average, mach
 __all__ = ['PAD', 'MASK', 'BLANK', 'TRIGGER', 'FIRST_CONTENT', 'SYNTH_VOCAB', 'SYNTH_TASKS', 'SYNTH_PRESET',
            'SYNTH_FEATURE_BUDGET', 'SYNTH_LRS', 'SYNTH_LRS_QUICK', 'SYNTH_SEEDS', 'SYNTH_BATCH', 'SYNTH_BATCH_QUICK',
            'SYNTH_STEPS', 'SYNTH_STEPS_QUICK', 'SYNTH_EVAL_ROWS', 'SYNTH_EVAL_ROWS_QUICK', 'SYNTH_WARMUP',
-           'SYNTH_MIN_LR_RATIO', 'SYNTH_WEIGHT_DECAY', 'SPLIT_SEEDS', 'SYNTH_WORKERS', 'UNIFORM', 'BASELINE',
-           'mqar_batch', 'selective_copy_batch', 'induction_batch', 'reference_answers', 'SynthTask', 'difficulty_name',
-           'task_batch', 't_interval', 'paired_t', 'wilcoxon_exact', 'battery_cells', 'synth_model_config',
+           'SYNTH_MIN_LR_RATIO', 'SYNTH_WEIGHT_DECAY', 'SPLIT_SEEDS', 'SYNTH_WORKERS', 'SYNTH_SHIFT', 'UNIFORM',
+           'BASELINE', 'QUALITY_RESULTS', 'QUALITY_BUDGET_RESULTS', 'SLAY_LINE', 'EXACT_LINE', 'mqar_batch',
+           'selective_copy_batch', 'induction_batch', 'reference_answers', 'SynthTask', 'difficulty_name', 'task_batch',
+           't_interval', 'paired_t', 'wilcoxon_exact', 'battery_cells', 'synth_model_config', 'model_inputs',
            'budget_kind_params', 'eval_set', 'accuracy', 'train_synth', 'Entry', 'battery_entries', 'peak_step_memory',
-           'bench_quality', 'quality_table', 'sensitivity', 'pareto_front', 'quality_figure', 'quality_report']
+           'bench_quality', 'quality_table', 'sensitivity', 'pareto_front', 'quality_figure', 'quality_report',
+           'paired_difference', 'slay_causes', 'slay_verdict']
 
-# %% ../../nbs/54_bench_quality.ipynb #b0bdddbe
+# %% ../../nbs/54_bench_quality.ipynb #f665d994
 PAD, MASK, BLANK, TRIGGER = 0, 1, 2, 3   # special ids of the synthetic vocabulary
 FIRST_CONTENT = 4                        # content tokens are FIRST_CONTENT .. vocab_size-1
 SYNTH_VOCAB = 36                         # 32 content tokens: 16 keys and 16 values in MQAR
@@ -121,14 +123,14 @@ class SynthTask:
     summary: str = ""
 
 SYNTH_TASKS = {
-    "mqar": SynthTask(mqar_batch, (dict(length=32, num_pairs=4), dict(length=32, num_pairs=8), dict(length=64, num_pairs=8)),
+    "mqar": SynthTask(mqar_batch, (dict(length=32, num_pairs=4), dict(length=64, num_pairs=16)),
                       (dict(length=32, num_pairs=4), dict(length=32, num_pairs=8), dict(length=64, num_pairs=8),
                        dict(length=64, num_pairs=16), dict(length=128, num_pairs=16)),
                       "multi-query associative recall: every key queried once, answer = its value"),
     "selective-copy": SynthTask(selective_copy_batch, (dict(length=32, num_tokens=4),),
                                 (dict(length=32, num_tokens=4), dict(length=64, num_tokens=8), dict(length=128, num_tokens=16)),
                                 "copy the scattered content tokens, in order, into the [MASK]s at the end"),
-    "induction": SynthTask(induction_batch, (dict(length=32),),
+    "induction": SynthTask(induction_batch, (dict(length=64),),
                            (dict(length=32), dict(length=64), dict(length=128)),
                            "the token that followed the trigger, recalled at the end"),
 }
@@ -183,30 +185,37 @@ def wilcoxon_exact(a: Sequence[float], b: Sequence[float]) -> tuple[float, float
     p = float(np.mean((null <= w + 1e-9) | (null >= r.sum() - w - 1e-9)))
     return w, min(1.0, p)
 
-# %% ../../nbs/54_bench_quality.ipynb #fdb3a930
+# %% ../../nbs/54_bench_quality.ipynb #6aaa253f
 SYNTH_PRESET = "tiny"              # model size of every line of the battery
 SYNTH_FEATURE_BUDGET = 256         # features per head of every kind that has a budget (`num_features`)
 SYNTH_LRS, SYNTH_LRS_QUICK = (1e-3, 3e-3, 1e-2), (3e-3, 1e-2)   # learning-rate sweep: each line keeps its best on validation
 SYNTH_SEEDS = (0, 1, 2)            # seeds (the first also runs the learning-rate sweep)
 SYNTH_BATCH, SYNTH_BATCH_QUICK = 32, 16   # rows per step
-SYNTH_STEPS, SYNTH_STEPS_QUICK = 3000, 600
+SYNTH_STEPS, SYNTH_STEPS_QUICK = 3000, 900
 SYNTH_EVAL_ROWS, SYNTH_EVAL_ROWS_QUICK = 512, 256   # rows per cell of the validation and of the test split
 SYNTH_WARMUP = 0.1                 # fraction of steps of linear warm-up (then cosine down to SYNTH_MIN_LR_RATIO)
 SYNTH_MIN_LR_RATIO = 0.1
 SYNTH_WEIGHT_DECAY = 0.1
 SPLIT_SEEDS = dict(train=0, validation=1, test=2)   # stream offsets: the three splits never share a batch
 SYNTH_WORKERS = None               # processes running the runs (None: the CPUs this process may use, at most 4; 1 on cuda)
+SYNTH_SHIFT = True                 # every position also sees the token before it (token-type embedding of the shifted ids)
 
 def battery_cells(quick: bool = False) -> list[dict]:
     "The task × difficulty cells of the battery: `{task, difficulty, name}`."
     return [dict(task=t, difficulty=d, name=f"{t} {difficulty_name(d)}")
             for t, s in SYNTH_TASKS.items() for d in (s.quick if quick else s.full)]
 
-def synth_model_config(kind: str, params: dict | None = None, seed: int = 0, preset: str = SYNTH_PRESET):
-    "The `ModelConfig` of every run: `preset` size, the synthetic vocabulary, no dropout, `kind` with `params` (random features from `seed`)."
+def synth_model_config(kind: str, params: dict | None = None, seed: int = 0, preset: str = SYNTH_PRESET,
+                       shift: bool = SYNTH_SHIFT):
+    "The `ModelConfig` of every run: `preset` size, the synthetic vocabulary, no dropout, `kind` with `params` (random features from `seed`); with `shift`, a token-type table over the vocabulary for the previous token."
     from minibert_lab.config import ModelConfig
-    return ModelConfig.preset(preset, vocab_size=SYNTH_VOCAB, max_len=128, dropout=0.0,
+    return ModelConfig.preset(preset, vocab_size=SYNTH_VOCAB, max_len=128, dropout=0.0, type_vocab_size=SYNTH_VOCAB if shift else 0,
                               attention=dict(kind=kind, params=dict(params or {}), seed=seed))
+
+def model_inputs(ids, shift: bool = SYNTH_SHIFT) -> dict:
+    "Keyword inputs of the model for token ids [B, L] (a torch tensor): with `shift`, `token_type_ids` is the previous token ([PAD] first)."
+    import torch.nn.functional as F
+    return dict(input_ids=ids) | (dict(token_type_ids=F.pad(ids[:, :-1], (1, 0), value=PAD)) if shift else {})
 
 def budget_kind_params(kind: str, budget: int = SYNTH_FEATURE_BUDGET) -> dict:
     "The battery's parameters of `kind`: registry defaults, with `budget` features per head where the kind has a budget."
@@ -220,7 +229,7 @@ def eval_set(cells: Sequence[dict], split: str, rows: int) -> list:
     "Fixed evaluation batches, one (ids, labels) per cell; the same for every kind, seed and learning rate."
     return [task_batch(c["task"], _stream(0, split, j, 0), rows, **c["difficulty"]) for j, c in enumerate(cells)]
 
-def accuracy(model, batches, device: str = "cpu", chunk: int = 128) -> list[float]:
+def accuracy(model, batches, device: str = "cpu", chunk: int = 128, shift: bool = SYNTH_SHIFT) -> list[float]:
     "Fraction of answer positions predicted exactly (argmax over the vocabulary), one number per batch."
     import torch
     out = []
@@ -230,7 +239,7 @@ def accuracy(model, batches, device: str = "cpu", chunk: int = 128) -> list[floa
             hit = n = 0
             for s in range(0, len(ids), chunk):
                 x, y = (torch.as_tensor(a[s:s + chunk], device=device) for a in (ids, labels))
-                res = model(x, labels=y)                       # logits [N, vocab] at the answer positions only
+                res = model(**model_inputs(x, shift), labels=y)   # logits [N, vocab] at the answer positions only
                 t = y.reshape(-1)[y.reshape(-1) != IGNORE_INDEX]
                 hit += int((res.logits.argmax(-1) == t).sum()); n += t.numel()
             out.append(hit / n)
@@ -246,12 +255,13 @@ def train_synth(kind: str, # attention kind
                 batch: int = SYNTH_BATCH, # rows per step
                 device: str = "cpu", # "cpu" or "cuda"
                 eval_sets: dict | None = None, # split -> `eval_set(...)`
+                shift: bool = SYNTH_SHIFT, # each position also sees its previous token (`model_inputs`)
                ) -> dict:
     "Train one model on fresh batches of the cells in turn (AdamW, warm-up + cosine); then its accuracy per cell on each split."
     import torch
     from minibert_lab.torch.models import MiniBERTForMaskedLM
     torch.manual_seed(seed)
-    model = MiniBERTForMaskedLM(synth_model_config(kind, params, seed)).to(device)
+    model = MiniBERTForMaskedLM(synth_model_config(kind, params, seed, shift=shift)).to(device)
     groups = {True: [], False: []}
     for n, q in model.named_parameters(): groups[decays(n, q.ndim)].append(q)
     opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": SYNTH_WEIGHT_DECAY},
@@ -264,7 +274,7 @@ def train_synth(kind: str, # attention kind
             g["lr"] = float(lr_at(step, lr=lr, warmup_steps=warm, total_steps=steps, min_lr_ratio=SYNTH_MIN_LR_RATIO))
         j = step % len(cells)
         ids, labels = task_batch(cells[j]["task"], _stream(seed, "train", j, step), batch, **cells[j]["difficulty"])
-        loss = model(torch.as_tensor(ids, device=device), labels=torch.as_tensor(labels, device=device)).loss
+        loss = model(**model_inputs(torch.as_tensor(ids, device=device), shift), labels=torch.as_tensor(labels, device=device)).loss
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -274,10 +284,10 @@ def train_synth(kind: str, # attention kind
     seconds = time.perf_counter() - t0
     res = dict(train_seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, final_loss=curve[-1]["loss"], curve=curve)
     if not math.isfinite(res["final_loss"]): raise FloatingPointError(f"non-finite training loss {res['final_loss']} (lr={lr})")
-    for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device)
+    for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device, shift=shift)
     return res
 
-# %% ../../nbs/54_bench_quality.ipynb #179f621f
+# %% ../../nbs/54_bench_quality.ipynb #60d693e0
 UNIFORM = "uniform"          # the weak control, registered below through the public registry
 BASELINE = "standard"        # softmax: every paired comparison is against it
 
@@ -318,7 +328,8 @@ def _run_job(job: dict) -> dict:
     e = job["entry"]
     try:
         r = train_synth(e["kind"], e["params"], job["cells"], job["lr"], job["seed"], job["steps"], job["batch"],
-                        job["device"], {s: eval_set(job["cells"], s, job["eval_rows"]) for s in ("validation", "test")})
+                        job["device"], {s: eval_set(job["cells"], s, job["eval_rows"]) for s in ("validation", "test")},
+                        job.get("shift", SYNTH_SHIFT))
     except Exception as ex:
         r = dict(error=_error_text(ex))
     return dict(label=e["label"], kind=e["kind"], params=e["params"], lr=job["lr"], seed=job["seed"], phase=job["phase"]) | r
@@ -330,16 +341,17 @@ def _pool_map(jobs: list, workers: int):
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         yield from ex.map(_run_job, [j | dict(threads=1) for j in jobs])
 
-def peak_step_memory(entry: Entry, cells: Sequence[dict], batch: int = SYNTH_BATCH, device: str = "cpu") -> int:
+def peak_step_memory(entry: Entry, cells: Sequence[dict], batch: int = SYNTH_BATCH, device: str = "cpu",
+                     shift: bool = SYNTH_SHIFT) -> int:
     "Peak bytes of one training step (forward + backward) of `entry` on the battery's longest cell."
     import torch
     from minibert_lab.torch.models import MiniBERTForMaskedLM
     from minibert_lab.bench.harness import torch_peak_memory
-    model = MiniBERTForMaskedLM(synth_model_config(entry.kind, entry.params)).to(device)
+    model = MiniBERTForMaskedLM(synth_model_config(entry.kind, entry.params, shift=shift)).to(device)
     c = max(cells, key=lambda c: c["difficulty"]["length"])
     ids, labels = (torch.as_tensor(a, device=device) for a in task_batch(c["task"], 0, batch, **c["difficulty"]))
     def step():
-        model.zero_grad(set_to_none=True); model(ids, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True); model(**model_inputs(ids, shift), labels=labels).loss.backward()
     step()
     return torch_peak_memory(step, device)
 
@@ -355,6 +367,7 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
                   budget: int = SYNTH_FEATURE_BUDGET, # features per head of kinds with a budget
                   cells: Sequence[str] | None = None, # names of the cells to run (default: all of the grid)
                   workers: int | None = None, # processes (default SYNTH_WORKERS, else the CPUs this process may use, at most 4; 1 on cuda)
+                  shift: bool = SYNTH_SHIFT, # each position also sees its previous token (False: the plain tasks, which need an induction circuit)
                  ) -> SweepResult:
     "The synthetic battery: every line learns the cells with each learning rate (first seed), keeps its best on validation, then runs the other seeds; test accuracy per cell, cost per run."
     pick = lambda v, q, f: (q if quick else f) if v is None else v
@@ -375,8 +388,8 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
     if workers is None:
         workers = 1 if device == "cuda" else min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     if any(e.kind not in builtin for e in entries): workers = 1      # kinds from --import live in this process only
-    base = dict(cells=cells, steps=steps, batch=batch, device=device, eval_rows=eval_rows)
-    load_before, rows = load_average(), []
+    base = dict(cells=cells, steps=steps, batch=batch, device=device, eval_rows=eval_rows, shift=bool(shift))
+    load_before, rows, t0 = load_average(), [], time.perf_counter()
     def run(jobs):
         for r in _pool_map(jobs, workers):
             rows.append(r)
@@ -390,12 +403,13 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
          for e in entries if best[e.label] is not None for s in seeds[1:]])
     memory = {}
     for e in entries:
-        try: memory[e.label] = peak_step_memory(e, cells, batch, device)
+        try: memory[e.label] = peak_step_memory(e, cells, batch, device, shift)
         except Exception as ex: memory[e.label] = None
     model = synth_model_config(BASELINE)
     meta = machine_info(device) | dict(
         sweep="quality", description=(f"Synthetic battery ({', '.join(dict.fromkeys(c['task'] for c in cells))}): the `{SYNTH_PRESET}` "
-                                      f"encoder (dim {model.dim}, depth {model.depth}, heads {model.heads}), {steps} steps x "
+                                      f"encoder (dim {model.dim}, depth {model.depth}, heads {model.heads}"
+                                      f"{', each position also seeing its previous token' if shift else ''}), {steps} steps x "
                                       f"{batch} rows per run, learning rate best of {list(lrs)} on validation, "
                                       f"{len(seeds)} seeds, test accuracy at the answer positions"),
         axes=dict(label=[e.label for e in entries], seed=list(seeds), lr=list(lrs)),
@@ -403,8 +417,9 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
         budget=dict(steps=steps, batch=batch, lrs=list(lrs), seeds=list(seeds), eval_rows=eval_rows,
                     feature_budget=budget, preset=SYNTH_PRESET, dim=model.dim, depth=model.depth, heads=model.heads,
                     vocab_size=SYNTH_VOCAB, warmup=SYNTH_WARMUP, min_lr_ratio=SYNTH_MIN_LR_RATIO,
-                    weight_decay=SYNTH_WEIGHT_DECAY, workers=workers, torch_threads_per_worker=1 if workers > 1 else None),
+                    weight_decay=SYNTH_WEIGHT_DECAY, shift=bool(shift), workers=workers, torch_threads_per_worker=1 if workers > 1 else None),
         baseline=BASELINE, control=UNIFORM, load_before=load_before, load_after=load_average(),
+        wall_seconds=time.perf_counter() - t0,
         curves={f"{r['label']}-{r['seed']}": r["curve"] for r in rows if "curve" in r and r["lr"] == best[r["label"]]})
     for r in rows: r.pop("curve", None)
     res = SweepResult("quality", rows, meta)
@@ -500,3 +515,65 @@ def quality_report(res: SweepResult) -> tuple[str, list]:
 register_benchmark("quality", bench_quality, quality_report,
                    "synthetic battery (MQAR, selective copy, induction): accuracy per kind with intervals, and its cost",
                    options=("kinds",))
+
+# %% ../../nbs/54_bench_quality.ipynb #33b0a7b0
+QUALITY_RESULTS = "nbs/bench_results/quality.json"                # the committed battery (read by the lab's report)
+QUALITY_BUDGET_RESULTS = "nbs/bench_results/quality-budget.json"  # `slay` at the lab's feature budget, same seeds and cells
+SLAY_LINE, EXACT_LINE = "slay", "yat-spherical[kernel]"          # the lab's SLAY and the exact kernel it estimates
+
+def paired_difference(res: SweepResult, a: str, b: str, other: SweepResult | None = None) -> dict:
+    "Battery score of `a` (from `other` when given: same seeds and cells) minus `b`, seed by seed: mean, 95% interval, paired-t p, verdict."
+    src = res if other is None else other
+    if other is not None:
+        same = lambda m: {k: v for k, v in m["budget"].items() if k not in ("feature_budget", "workers", "torch_threads_per_worker")}
+        if same(other.meta) != same(res.meta) or other.meta["cells"] != res.meta["cells"]:
+            raise ValueError("other is invalid: its budget or cells differ from res's; allowed: a run with the same seeds, cells and steps")
+    ra, rb = ({r["seed"]: float(np.mean(r["test_acc"])) for r in _final_runs(x, l)} for x, l in ((src, a), (res, b)))
+    seeds = sorted(set(ra) & set(rb))
+    if len(seeds) < 2: return dict(a=a, b=b, seeds=len(seeds), verdict="not measured (fewer than 2 paired seeds)")
+    x, y = np.array([ra[s] for s in seeds]), np.array([rb[s] for s in seeds])
+    m, lo, hi = t_interval(x - y)
+    return dict(a=a, b=b, seeds=len(seeds), diff=m, low=lo, high=hi, p_t=paired_t(x, y)[1],
+                verdict="a better" if lo > 0 else ("b better" if hi < 0 else "no difference shown"))
+
+def slay_causes(res: SweepResult, # the battery (with softmax, `yat-spherical`, `yat-spherical[kernel]` and SLAY lines)
+                budget_res: SweepResult | None = None, # a run with `slay` at another feature budget (`QUALITY_BUDGET_RESULTS`)
+               ) -> list[dict]:
+    "One row per candidate cause of a SLAY/softmax gap: kernel, normalisation, approximation (each SLAY kind), feature budget, learning rate."
+    labels = {e["label"]: e["kind"] for e in res.meta["entries"]}
+    rows = [dict(cause="kernel") | paired_difference(res, EXACT_LINE, BASELINE),
+            dict(cause="normalisation") | paired_difference(res, EXACT_LINE, "yat-spherical")]
+    rows += [dict(cause="approximation") | paired_difference(res, l, EXACT_LINE)
+             for l, k in labels.items() if l != EXACT_LINE and kernels.target_kernel(k) == "spherical-yat" and not kernels.get_kind(k).exact]
+    if budget_res is not None:
+        fb = (budget_res.meta["budget"]["feature_budget"], res.meta["budget"]["feature_budget"])
+        r = paired_difference(res, SLAY_LINE, SLAY_LINE, other=budget_res)
+        rows.append(dict(cause="feature budget") | r | dict(a=f"{SLAY_LINE} @ {fb[0]} features", b=f"{SLAY_LINE} @ {fb[1]} features"))
+    sweep = {r["lr"]: float(np.mean(r["validation_acc"])) for r in res.rows
+             if r["label"] == SLAY_LINE and r.get("phase") == "sweep" and "validation_acc" in r}
+    if len(sweep) > 1:
+        best = res.meta["best_lr"][SLAY_LINE]
+        worst = min(sweep, key=sweep.get)
+        rows.append(dict(cause="learning rate", a=f"{SLAY_LINE} @ {worst:g}", b=f"{SLAY_LINE} @ {best:g} (chosen)", seeds=1,
+                         diff=sweep[worst] - sweep[best], verdict="swept per line: each line runs at its best rate",
+                         same_rate_as_softmax=best == res.meta["best_lr"][BASELINE]))
+    return rows
+
+def slay_verdict(causes: Sequence[dict]) -> str:
+    "One sentence from `slay_causes` about the lab's SLAY (`SLAY_LINE`): the causes that cost it accuracy, those with no effect shown, those in its favour, then the other SLAY estimators that lose to the exact kernel."
+    tested = ("kernel", "normalisation", "approximation", "feature budget")    # in each row `a` is SLAY's side
+    mine = [c for c in causes if c["cause"] in tested and (c["cause"] != "approximation" or c["a"] == SLAY_LINE)]
+    name = lambda c: f"{c['cause']} ({c['a']} − {c['b']}: {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}])"
+    pick = lambda v: [c for c in mine if c.get("verdict") == v]
+    hurt, clear, helps = pick("b better"), pick("no difference shown"), pick("a better")
+    out = (f"On the synthetic battery, what costs `{SLAY_LINE}` accuracy: " + "; ".join(map(name, hurt)) + ". " if hurt else
+           f"On the synthetic battery no candidate cause costs `{SLAY_LINE}` accuracy by an interval that excludes zero. ")
+    if clear: out += "No effect shown: " + ", ".join(c["cause"] for c in clear) + ". "
+    if helps: out += f"In SLAY's favour: " + "; ".join(map(name, helps)) + ". "
+    lr = [c for c in causes if c["cause"] == "learning rate"]
+    if lr: out += (f"Learning rate: swept per line; `{SLAY_LINE}` " + ("chose the same rate as softmax" if lr[0]["same_rate_as_softmax"]
+                   else "chose a different rate from softmax") + f" and loses {-lr[0]['diff']:.3f} at its worse rate (first seed). ")
+    worse = [c for c in causes if c["cause"] == "approximation" and c["a"] != SLAY_LINE and c.get("verdict") == "b better"]
+    if worse: out += ("Other SLAY estimators that lose to the exact kernel: "
+                      + ", ".join(f"`{c['a']}` ({c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}])" for c in worse) + ".")
+    return out.strip()
