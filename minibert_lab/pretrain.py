@@ -341,7 +341,7 @@ def cli_generate(argv: Sequence[str]) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "tokens": new[:cut]}) if a.json else f"{prompt} {text}")
     return 0
 
-# %% ../nbs/43_pretrain.ipynb #e34eb666
+# %% ../nbs/43_pretrain.ipynb #f2b7ce7b
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
 LAB_SAMPLE_PROMPT, LAB_SAMPLE_TOKENS = 8, 24   # a causal run continues the first 8 tokens of a validation row by 24
 LAB_PRESET = "tiny"
@@ -463,24 +463,29 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
 def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
                  root: str | Path = ".", # the repository (where the committed benchmark results live)
                 ) -> tuple[str, str | None]:
-    "Why SLAY differs from softmax, from the committed quality battery: (HTML table and verdict, the verdict sentence); ('', None) without a SLAY run."
+    "Why SLAY differs from softmax, from the committed quality benchmark (synthetic battery, MLM from scratch): (HTML tables and verdicts, the verdicts as text); ('', None) without a SLAY run."
     import pandas as pd
     from minibert_lab.bench.harness import SweepResult
-    from minibert_lab.bench.quality import QUALITY_RESULTS, QUALITY_BUDGET_RESULTS, SLAY_LINE, slay_causes, slay_verdict
-    if SLAY_LINE not in kinds: return "", None
-    paths = [Path(root) / QUALITY_RESULTS, Path(root) / QUALITY_BUDGET_RESULTS]
-    if not paths[0].exists():
-        return (f"<p>The committed quality battery (<code>{QUALITY_RESULTS}</code>) is not under {html.escape(str(root))}: run "
-                f"the lab from the repository, or <code>minibert-lab bench quality --quick</code>.</p>", None)
-    res = SweepResult.from_json(paths[0])
-    causes = slay_causes(res, SweepResult.from_json(paths[1]) if paths[1].exists() else None)
-    verdict = slay_verdict(causes)
-    cols = ["cause", "a", "b", "seeds", "diff", "low", "high", "p_t", "verdict"]
-    t = pd.DataFrame(causes).reindex(columns=cols).to_html(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="")
-    b = res.meta["budget"]
-    return (f"<p>Each candidate cause as a paired difference of test accuracy over {len(b['seeds'])} seeds on the "
-            f"synthetic battery (<code>{QUALITY_RESULTS}</code>: {b['steps']} steps × {b['batch']} rows per run, "
-            f"learning rate best of {b['lrs']} per line):</p>\n{t}\n<p><b>{html.escape(verdict)}</b></p>", verdict)
+    from minibert_lab.bench import quality as q
+    if q.SLAY_LINE not in kinds: return "", None
+    if not (Path(root) / q.QUALITY_RESULTS).exists():
+        return (f"<p>The committed quality benchmark (<code>{q.QUALITY_RESULTS}</code>) is not under {html.escape(str(root))}: "
+                f"run the lab from the repository, or <code>minibert-lab bench quality --quick</code>.</p>", None)
+    load = lambda f: SweepResult.from_json(Path(root) / f) if (Path(root) / f).exists() else None
+    parts, verdicts = [], []
+    for where, main, extra in (("On the synthetic battery", q.QUALITY_RESULTS, q.QUALITY_BUDGET_RESULTS),
+                               ("On MLM from scratch", q.QUALITY_MLM_RESULTS, None)):
+        res = load(main)
+        if res is None: continue
+        causes = q.slay_causes(res, load(extra) if extra else None)
+        verdicts.append(q.slay_verdict(causes, where))
+        cols = ["cause", "a", "b", "seeds", "diff", "low", "high", "p_t", "verdict"]
+        t = pd.DataFrame(causes).reindex(columns=cols).to_html(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="")
+        b = res.meta["budget"]
+        parts.append(f"<h3>{html.escape(where)}</h3>\n<p>{html.escape(res.meta['description'])}. Each candidate cause is a paired "
+                     f"difference over {len(b['seeds'])} seeds (<code>{main}</code>; in every row <code>a</code> is SLAY's "
+                     f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
+    return "\n".join(parts), " ".join(verdicts)
 
 def lab_sample(backend, # a trained run's backend
                data, # its data (tokenizer, validation batches)

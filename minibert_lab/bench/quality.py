@@ -1,4 +1,4 @@
-"""Which attention kind recalls, copies and induces: multi-query associative recall, selective copying and induction-head recall with a tiny encoder per kind, a learning-rate sweep per kind, 3 seeds, 95% intervals, paired tests against softmax, a uniform-attention control, and the cost of each run beside its accuracy.
+"""Which attention kind recalls, copies and induces (multi-query associative recall, selective copying and induction-head recall with a tiny encoder per kind, a learning-rate sweep per kind) and what each gives when it pre-trains the lab's MLM model from scratch: 3 seeds, 95% intervals, paired tests against softmax, a uniform-attention control, and the cost of each run beside its quality.
 
 Docs: https://minibert-lab.github.io/minibert_lab/bench_quality.html.md"""
 
@@ -20,12 +20,13 @@ __all__ = ['PAD', 'MASK', 'BLANK', 'TRIGGER', 'FIRST_CONTENT', 'SYNTH_VOCAB', 'S
            'SYNTH_FEATURE_BUDGET', 'SYNTH_LRS', 'SYNTH_LRS_QUICK', 'SYNTH_SEEDS', 'SYNTH_BATCH', 'SYNTH_BATCH_QUICK',
            'SYNTH_STEPS', 'SYNTH_STEPS_QUICK', 'SYNTH_EVAL_ROWS', 'SYNTH_EVAL_ROWS_QUICK', 'SYNTH_WARMUP',
            'SYNTH_MIN_LR_RATIO', 'SYNTH_WEIGHT_DECAY', 'SPLIT_SEEDS', 'SYNTH_WORKERS', 'SYNTH_SHIFT', 'UNIFORM',
-           'BASELINE', 'QUALITY_RESULTS', 'QUALITY_BUDGET_RESULTS', 'SLAY_LINE', 'EXACT_LINE', 'mqar_batch',
-           'selective_copy_batch', 'induction_batch', 'reference_answers', 'SynthTask', 'difficulty_name', 'task_batch',
-           't_interval', 'paired_t', 'wilcoxon_exact', 'battery_cells', 'synth_model_config', 'model_inputs',
-           'budget_kind_params', 'eval_set', 'accuracy', 'train_synth', 'Entry', 'battery_entries', 'peak_step_memory',
-           'bench_quality', 'quality_table', 'sensitivity', 'pareto_front', 'quality_figure', 'quality_report',
-           'paired_difference', 'slay_causes', 'slay_verdict']
+           'BASELINE', 'QUALITY_RESULTS', 'QUALITY_BUDGET_RESULTS', 'QUALITY_MLM_RESULTS', 'SLAY_LINE', 'EXACT_LINE',
+           'MLM_STEPS', 'MLM_STEPS_QUICK', 'MLM_EVALS', 'mqar_batch', 'selective_copy_batch', 'induction_batch',
+           'reference_answers', 'SynthTask', 'difficulty_name', 'task_batch', 't_interval', 'paired_t',
+           'wilcoxon_exact', 'battery_cells', 'synth_model_config', 'model_inputs', 'budget_kind_params', 'eval_set',
+           'accuracy', 'train_synth', 'Entry', 'battery_entries', 'peak_step_memory', 'bench_quality', 'quality_table',
+           'sensitivity', 'pareto_front', 'quality_figure', 'quality_report', 'paired_difference', 'slay_causes',
+           'slay_verdict', 'mlm_config', 'bench_quality_mlm']
 
 # %% ../../nbs/54_bench_quality.ipynb #f665d994
 PAD, MASK, BLANK, TRIGGER = 0, 1, 2, 3   # special ids of the synthetic vocabulary
@@ -287,7 +288,7 @@ def train_synth(kind: str, # attention kind
     for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device, shift=shift)
     return res
 
-# %% ../../nbs/54_bench_quality.ipynb #60d693e0
+# %% ../../nbs/54_bench_quality.ipynb #69a215b2
 UNIFORM = "uniform"          # the weak control, registered below through the public registry
 BASELINE = "standard"        # softmax: every paired comparison is against it
 
@@ -334,12 +335,12 @@ def _run_job(job: dict) -> dict:
         r = dict(error=_error_text(ex))
     return dict(label=e["label"], kind=e["kind"], params=e["params"], lr=job["lr"], seed=job["seed"], phase=job["phase"]) | r
 
-def _pool_map(jobs: list, workers: int):
-    if workers <= 1: yield from map(_run_job, jobs); return
+def _pool_map(jobs: list, workers: int, fn: Callable = _run_job):
+    if workers <= 1: yield from map(fn, jobs); return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        yield from ex.map(_run_job, [j | dict(threads=1) for j in jobs])
+        yield from ex.map(fn, [j | dict(threads=1) for j in jobs])
 
 def peak_step_memory(entry: Entry, cells: Sequence[dict], batch: int = SYNTH_BATCH, device: str = "cpu",
                      shift: bool = SYNTH_SHIFT) -> int:
@@ -426,30 +427,41 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
     res.meta["table"], res.meta["sensitivity"] = quality_table(res), sensitivity(res)
     return res
 
+def _metric(res: SweepResult) -> tuple[str, bool, list | None]:
+    "The result's metric: (row key, higher is better, cells averaged into the score or None for all)."
+    m = res.meta
+    return m.get("metric", "test_acc"), m.get("higher_is_better", True), m.get("score_cells")
+
+def _score(res: SweepResult, r: dict) -> float:
+    key, _, cells = _metric(res)
+    v = np.asarray(r[key], np.float64)
+    return float(v.mean() if cells is None else v[cells].mean())
+
 def _final_runs(res: SweepResult, label: str) -> list[dict]:
     "The runs of `label` at its chosen learning rate, one per seed, in seed order."
-    lr = res.meta["best_lr"].get(label)
-    rs = [r for r in res.rows if r["label"] == label and r["lr"] == lr and "test_acc" in r]
+    lr, key = res.meta["best_lr"].get(label), _metric(res)[0]
+    rs = [r for r in res.rows if r["label"] == label and r["lr"] == lr and key in r]
     return sorted(rs, key=lambda r: r["seed"])
 
 def _paired(res: SweepResult, a: str, b: str, cell: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    "Accuracies of `a` and `b` on the seeds both have (a cell, or the mean over cells)."
+    "The metric of `a` and `b` on the seeds both have (a cell, or the score)."
     ra, rb = ({r["seed"]: r for r in _final_runs(res, x)} for x in (a, b))
-    seeds = sorted(set(ra) & set(rb))
-    f = (lambda r: r["test_acc"][cell]) if cell is not None else (lambda r: float(np.mean(r["test_acc"])))
+    seeds, key = sorted(set(ra) & set(rb)), _metric(res)[0]
+    f = (lambda r: r[key][cell]) if cell is not None else (lambda r: _score(res, r))
     return np.array([f(ra[s]) for s in seeds]), np.array([f(rb[s]) for s in seeds])
 
 def quality_table(res: SweepResult) -> list[dict]:
-    "Per line, ranked by mean test accuracy over cells: score and 95% t-interval over seeds, accuracy per cell, paired tests against softmax, tokens/s, peak memory."
+    "Per line, ranked by score (mean test accuracy over cells, or the result's `metric`): 95% t-interval over seeds, each cell, paired tests against softmax, tokens/s, peak memory."
     cells, base, out = res.meta["cells"], res.meta["baseline"], []
+    key, higher, _ = _metric(res)
     for e in res.meta["entries"]:
         rs = _final_runs(res, e["label"])
         if not rs:
             out.append(dict(label=e["label"], kind=e["kind"], seeds=0,
                             error=next((r.get("error") for r in res.rows if r["label"] == e["label"] and r.get("error")), None)))
             continue
-        acc = np.array([r["test_acc"] for r in rs])                              # [seeds, cells]
-        m, lo, hi = t_interval(acc.mean(1))
+        acc = np.array([r[key] for r in rs])                                     # [seeds, cells]
+        m, lo, hi = t_interval([_score(res, r) for r in rs])
         row = dict(label=e["label"], kind=e["kind"], lr=res.meta["best_lr"][e["label"]], seeds=len(rs), score=m,
                    score_low=lo, score_high=hi)
         if e["label"] != base and len(_paired(res, e["label"], base)[0]) >= 2:
@@ -460,16 +472,16 @@ def quality_table(res: SweepResult) -> list[dict]:
         row |= dict(tokens_per_s=float(np.mean([r["tokens_per_s"] for r in rs])),
                     peak_mib=(res.meta["peak_bytes"].get(e["label"]) or math.nan) / 2**20)
         out.append(row)
-    out.sort(key=lambda r: -r.get("score", -math.inf))
+    out.sort(key=lambda r: -r.get("score", -math.inf) if higher else r.get("score", math.inf))
     for i, r in enumerate(out): r["rank"] = i + 1
     return out
 
 def sensitivity(res: SweepResult) -> dict:
-    "Per cell and overall: softmax minus the uniform control (mean, 95% interval over seeds) and the verdict: sensitive when the interval lies above 0."
+    "Per cell and overall: how much softmax beats the uniform control (mean, 95% interval over seeds; in the metric's units, positive = better) and the verdict: sensitive when the interval lies above 0."
     base, ctl = res.meta["baseline"], res.meta["control"]
-    out = {}
+    out, higher = {}, _metric(res)[1]
     for j, name in [(None, "all cells")] + list(enumerate(c["name"] for c in res.meta["cells"])):
-        a, b = _paired(res, base, ctl, j)
+        a, b = _paired(res, base, ctl, j) if higher else _paired(res, ctl, base, j)
         if len(a) == 0: out[name] = dict(verdict="insensitive", reason="no paired runs"); continue
         m, lo, hi = t_interval(a - b)
         out[name] = dict(diff=m, low=lo, high=hi, verdict="sensitive" if lo > 0 else "insensitive")
@@ -483,7 +495,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: pts[i][0])
 
 def quality_figure(res: SweepResult):
-    "Test accuracy (mean, 95% interval) against training tokens/s, one marker per line, the Pareto front drawn."
+    "The score (mean, 95% interval) against training tokens/s, one marker per line, the Pareto front drawn."
     import plotly.graph_objects as go
     from minibert_lab.viz import kind_style
     t = [r for r in (res.meta.get("table") or quality_table(res)) if r.get("seeds")]
@@ -494,11 +506,13 @@ def quality_figure(res: SweepResult):
         fig.add_trace(go.Scatter(x=[r["tokens_per_s"]], y=[r["score"]], mode="markers+text", name=r["label"],
                                  text=[r["label"]], textposition="top center", marker=dict(color=st["color"], size=10),
                                  error_y=dict(type="data", array=err) if err else None))
-    front = pareto_front([(r["tokens_per_s"], r["score"]) for r in t])
+    key, higher, _ = _metric(res)
+    front = pareto_front([(r["tokens_per_s"], r["score"] if higher else -r["score"]) for r in t])
     fig.add_trace(go.Scatter(x=[t[i]["tokens_per_s"] for i in front], y=[t[i]["score"] for i in front], mode="lines",
                              name="Pareto front", line=dict(color="black", dash="dot")))
-    fig.update_layout(title="Synthetic battery: accuracy (mean over cells, 95% interval over seeds) vs training tokens/s",
-                      xaxis_title="training tokens / s", yaxis_title="test accuracy at answer positions",
+    what = "test accuracy at answer positions" if key == "test_acc" else res.meta.get("metric_title", key)
+    fig.update_layout(title=f"{res.meta.get('title', 'Synthetic battery')}: {what} (mean, 95% interval over seeds) vs training tokens/s",
+                      xaxis_title="training tokens / s", yaxis_title=what,
                       template="plotly_white", height=520, showlegend=False)
     return fig
 
@@ -516,33 +530,35 @@ register_benchmark("quality", bench_quality, quality_report,
                    "synthetic battery (MQAR, selective copy, induction): accuracy per kind with intervals, and its cost",
                    options=("kinds",))
 
-# %% ../../nbs/54_bench_quality.ipynb #33b0a7b0
+# %% ../../nbs/54_bench_quality.ipynb #79d58a33
 QUALITY_RESULTS = "nbs/bench_results/quality.json"                # the committed battery (read by the lab's report)
 QUALITY_BUDGET_RESULTS = "nbs/bench_results/quality-budget.json"  # `slay` at the lab's feature budget, same seeds and cells
+QUALITY_MLM_RESULTS = "nbs/bench_results/quality-mlm.json"        # protocol 3: MLM from scratch (read by the lab's report)
 SLAY_LINE, EXACT_LINE = "slay", "yat-spherical[kernel]"          # the lab's SLAY and the exact kernel it estimates
 
 def paired_difference(res: SweepResult, a: str, b: str, other: SweepResult | None = None) -> dict:
-    "Battery score of `a` (from `other` when given: same seeds and cells) minus `b`, seed by seed: mean, 95% interval, paired-t p, verdict."
+    "Score of `a` (from `other` when given: same seeds and cells) minus `b`, seed by seed: mean, 95% interval, paired-t p, verdict (which is better, in the metric's direction)."
     src = res if other is None else other
     if other is not None:
         same = lambda m: {k: v for k, v in m["budget"].items() if k not in ("feature_budget", "workers", "torch_threads_per_worker")}
         if same(other.meta) != same(res.meta) or other.meta["cells"] != res.meta["cells"]:
             raise ValueError("other is invalid: its budget or cells differ from res's; allowed: a run with the same seeds, cells and steps")
-    ra, rb = ({r["seed"]: float(np.mean(r["test_acc"])) for r in _final_runs(x, l)} for x, l in ((src, a), (res, b)))
+    ra, rb = ({r["seed"]: _score(x, r) for r in _final_runs(x, l)} for x, l in ((src, a), (res, b)))
     seeds = sorted(set(ra) & set(rb))
     if len(seeds) < 2: return dict(a=a, b=b, seeds=len(seeds), verdict="not measured (fewer than 2 paired seeds)")
     x, y = np.array([ra[s] for s in seeds]), np.array([rb[s] for s in seeds])
     m, lo, hi = t_interval(x - y)
+    a_up, b_up = (lo > 0, hi < 0) if _metric(res)[1] else (hi < 0, lo > 0)      # a lower loss is better
     return dict(a=a, b=b, seeds=len(seeds), diff=m, low=lo, high=hi, p_t=paired_t(x, y)[1],
-                verdict="a better" if lo > 0 else ("b better" if hi < 0 else "no difference shown"))
+                verdict="a better" if a_up else ("b better" if b_up else "no difference shown"))
 
 def slay_causes(res: SweepResult, # the battery (with softmax, `yat-spherical`, `yat-spherical[kernel]` and SLAY lines)
                 budget_res: SweepResult | None = None, # a run with `slay` at another feature budget (`QUALITY_BUDGET_RESULTS`)
                ) -> list[dict]:
-    "One row per candidate cause of a SLAY/softmax gap: kernel, normalisation, approximation (each SLAY kind), feature budget, learning rate."
+    "One row per candidate cause of a SLAY/softmax gap whose lines the run has: kernel, normalisation, approximation (each SLAY kind), feature budget, learning rate."
     labels = {e["label"]: e["kind"] for e in res.meta["entries"]}
-    rows = [dict(cause="kernel") | paired_difference(res, EXACT_LINE, BASELINE),
-            dict(cause="normalisation") | paired_difference(res, EXACT_LINE, "yat-spherical")]
+    rows = [dict(cause=c) | paired_difference(res, a, b) for c, a, b in (("kernel", EXACT_LINE, BASELINE), ("normalisation", EXACT_LINE, "yat-spherical"))
+            if a in labels and b in labels]
     rows += [dict(cause="approximation") | paired_difference(res, l, EXACT_LINE)
              for l, k in labels.items() if l != EXACT_LINE and kernels.target_kernel(k) == "spherical-yat" and not kernels.get_kind(k).exact]
     if budget_res is not None:
@@ -559,15 +575,15 @@ def slay_causes(res: SweepResult, # the battery (with softmax, `yat-spherical`, 
                          same_rate_as_softmax=best == res.meta["best_lr"][BASELINE]))
     return rows
 
-def slay_verdict(causes: Sequence[dict]) -> str:
+def slay_verdict(causes: Sequence[dict], where: str = "On the synthetic battery") -> str:
     "One sentence from `slay_causes` about the lab's SLAY (`SLAY_LINE`): the causes that cost it accuracy, those with no effect shown, those in its favour, then the other SLAY estimators that lose to the exact kernel."
     tested = ("kernel", "normalisation", "approximation", "feature budget")    # in each row `a` is SLAY's side
     mine = [c for c in causes if c["cause"] in tested and (c["cause"] != "approximation" or c["a"] == SLAY_LINE)]
     name = lambda c: f"{c['cause']} ({c['a']} − {c['b']}: {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}])"
     pick = lambda v: [c for c in mine if c.get("verdict") == v]
     hurt, clear, helps = pick("b better"), pick("no difference shown"), pick("a better")
-    out = (f"On the synthetic battery, what costs `{SLAY_LINE}` accuracy: " + "; ".join(map(name, hurt)) + ". " if hurt else
-           f"On the synthetic battery no candidate cause costs `{SLAY_LINE}` accuracy by an interval that excludes zero. ")
+    out = (f"{where}, what costs `{SLAY_LINE}` quality: " + "; ".join(map(name, hurt)) + ". " if hurt else
+           f"{where} no candidate cause costs `{SLAY_LINE}` quality by an interval that excludes zero. ")
     if clear: out += "No effect shown: " + ", ".join(c["cause"] for c in clear) + ". "
     if helps: out += f"In SLAY's favour: " + "; ".join(map(name, helps)) + ". "
     lr = [c for c in causes if c["cause"] == "learning rate"]
@@ -577,3 +593,95 @@ def slay_verdict(causes: Sequence[dict]) -> str:
     if worse: out += ("Other SLAY estimators that lose to the exact kernel: "
                       + ", ".join(f"`{c['a']}` ({c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}])" for c in worse) + ".")
     return out.strip()
+
+# %% ../../nbs/54_bench_quality.ipynb #e66b8bbe
+MLM_STEPS, MLM_STEPS_QUICK = 10000, 3000  # optimizer steps per run (everything else: the lab's `pretrain.lab_config`)
+MLM_EVALS = 4                             # validation evaluations per run: the loss at each quarter of the budget
+
+def mlm_config(entry: Entry, seed: int, steps: int):
+    "The lab's `tiny` MLM experiment for one line: its kind and parameters; `seed` for initialisation, data order, masking and random features; `MLM_EVALS` evaluations."
+    from minibert_lab.pretrain import lab_config
+    return lab_config(entry.kind, steps, "torch", **{"model.attention": dict(kind=entry.kind, params=dict(entry.params), seed=seed),
+                      "train.seed": seed, "data.seed": seed, "train.eval_every": max(steps // MLM_EVALS, 1), "train.save_every": steps})
+
+def _run_mlm_job(job: dict) -> dict:
+    "One MLM run (a process-pool job): validation loss at each evaluation, throughput, peak memory of one step."
+    import tempfile, torch
+    from minibert_lab.pretrain import pretrain
+    from minibert_lab.train import read_metrics
+    from minibert_lab.torch.models import MiniBERTForMaskedLM
+    from minibert_lab.bench.harness import torch_peak_memory
+    if job.get("threads"): torch.set_num_threads(job["threads"])
+    e = Entry(**job["entry"])
+    out = dict(label=e.label, kind=e.kind, params=e.params, lr=job["lr"], seed=job["seed"], phase="seed")
+    try:
+        cfg = mlm_config(e, job["seed"], job["steps"])
+        with tempfile.TemporaryDirectory() as d:
+            res, backend, data = pretrain(cfg, d, progress=False)
+            ev = [r for r in read_metrics(d) if "val_loss" in r]
+        if not math.isfinite(ev[-1]["val_loss"]): raise FloatingPointError(f"non-finite validation loss {ev[-1]['val_loss']}")
+        model = MiniBERTForMaskedLM(cfg.with_vocab(len(data.tokenizer), data.tokenizer.pad_token_id).model)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(FIRST_CONTENT, len(data.tokenizer), (cfg.data.batch_size, cfg.data.seq_len), generator=g)
+        labels = torch.where(torch.rand(ids.shape, generator=g) < cfg.data.predicted_fraction, ids, IGNORE_INDEX)
+        def step(): model.zero_grad(set_to_none=True); model(ids, labels=labels).loss.backward()
+        step()
+        out |= dict(val_loss=[r["val_loss"] for r in ev], eval_steps=[r["step"] for r in ev], val_acc=ev[-1].get("val_acc"),
+                    train_seconds=res.seconds, tokens_per_s=res.train_tokens_per_s, peak_bytes=torch_peak_memory(step))
+    except Exception as ex:
+        out["error"] = _error_text(ex)
+    return out
+
+def bench_quality_mlm(quick: bool = False, # MLM_STEPS_QUICK steps instead of MLM_STEPS
+                      device: str = "cpu", # "cpu" only (the lab's torch backend runs on the CPU)
+                      progress: bool = False, # one JSON line per run
+                      kinds: Sequence[str] | None = None, # attention kinds (default: all, plus the controls)
+                      seeds: Sequence[int] | None = None, # seeds (default SYNTH_SEEDS)
+                      steps: int | None = None, # optimizer steps per run
+                      budget: int = SYNTH_FEATURE_BUDGET, # features per head of kinds with a budget
+                      workers: int | None = None, # processes (default: the CPUs this process may use, at most 4)
+                     ) -> SweepResult:
+    "Protocol 3: MLM pre-training of the lab's `tiny` model per line and seed; validation loss at each quarter of the budget, cost per run."
+    from minibert_lab.pretrain import LAB_OVERRIDES, prepare_data, unigram_entropy
+    from minibert_lab.data import load_corpus
+    if device != "cpu": raise ValueError(f"device={device!r} is invalid for quality-mlm; allowed: 'cpu' (the lab's torch backend has no device switch)")
+    steps, seeds = (MLM_STEPS_QUICK if quick else MLM_STEPS) if steps is None else steps, tuple(SYNTH_SEEDS if seeds is None else seeds)
+    _check_int("steps", steps, MLM_EVALS)
+    if workers is not None: _check_int("workers", workers, 1)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
+        raise ValueError(f"seeds={seeds!r} is invalid; allowed: distinct integers >= 0")
+    entries = battery_entries(kinds, budget)
+    cfg0 = mlm_config(entries[0], seeds[0], steps)                            # checked before any run
+    if workers is None: workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    builtin = set(kernels.ATTENTION_TYPES) | {UNIFORM}
+    if any(e.kind not in builtin for e in entries): workers = 1
+    load_before, rows, t0 = load_average(), [], time.perf_counter()
+    jobs = [dict(entry=dataclasses.asdict(e), lr=cfg0.train.lr, seed=s, steps=steps) for s in seeds for e in entries]
+    for r in _pool_map(jobs, workers, _run_mlm_job):
+        rows.append(r)
+        if progress: print(json.dumps(r, default=_json_default), flush=True)
+    data, _ = prepare_data(cfg0)
+    entropy = unigram_entropy(data.tokenizer, load_corpus(cfg0.data.corpus, "train")["text"])
+    evals = next((r["eval_steps"] for r in rows if "eval_steps" in r), [])
+    meta = machine_info(device) | dict(
+        sweep="quality-mlm", title="MLM from scratch", metric="val_loss", higher_is_better=False, score_cells=[-1],
+        metric_title="validation MLM loss (nats)",
+        description=(f"Protocol 3, MLM from scratch: the lab's `tiny` MiniBERT (dim {cfg0.model.dim}) per line, {steps} steps x "
+                     f"{cfg0.data.batch_size} rows x {cfg0.data.seq_len} tokens on the embedded corpus, learning rate "
+                     f"{cfg0.train.lr}, {len(seeds)} seeds; score = validation MLM loss at the end (lower is better)"),
+        axes=dict(label=[e.label for e in entries], seed=list(seeds), lr=[cfg0.train.lr]),
+        entries=[dataclasses.asdict(e) for e in entries], cells=[dict(name=f"loss @ {s}") for s in evals],
+        best_lr={e.label: cfg0.train.lr for e in entries},
+        peak_bytes={e.label: next((r["peak_bytes"] for r in rows if r["label"] == e.label and "peak_bytes" in r), None) for e in entries},
+        budget=dict(steps=steps, batch=cfg0.data.batch_size, seq_len=cfg0.data.seq_len, lrs=[cfg0.train.lr], seeds=list(seeds),
+                    feature_budget=budget, preset="tiny", vocab_size=cfg0.data.vocab_size, evals=MLM_EVALS,
+                    lab_overrides=dict(LAB_OVERRIDES), workers=workers, torch_threads_per_worker=1 if workers > 1 else None),
+        baseline=BASELINE, control=UNIFORM, unigram_entropy=entropy, load_before=load_before, load_after=load_average(),
+        wall_seconds=time.perf_counter() - t0)
+    res = SweepResult("quality-mlm", rows, meta)
+    res.meta["table"], res.meta["sensitivity"] = quality_table(res), sensitivity(res)
+    return res
+
+register_benchmark("quality-mlm", bench_quality_mlm, quality_report,
+                   "protocol 3: MLM from scratch per kind (validation loss with intervals at each quarter of the budget) and its cost",
+                   options=("kinds",))
