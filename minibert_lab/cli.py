@@ -12,11 +12,11 @@ from pathlib import Path
 from .config import preset_names
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'main', 'cli_config', 'load_model', 'cli_viz']
+__all__ = ['SUBCOMMANDS', 'main', 'cli_lab', 'cli_config', 'load_model', 'cli_viz']
 
-# %% ../nbs/90_cli.ipynb #05cabf41
+# %% ../nbs/90_cli.ipynb #f9df5980
 SUBCOMMANDS = {
-    "lab": ("minibert_lab.pretrain", "cli_lab", "train a softmax and a SLAY model on the embedded corpus and compare them"),
+    "lab": ("minibert_lab.cli", "cli_lab", "train a softmax and a SLAY model on the embedded corpus and compare them"),
     "pretrain": ("minibert_lab.pretrain", "cli_pretrain", "MLM pre-training run (torch or JAX), resumable"),
     "generate": ("minibert_lab.pretrain", "cli_generate", "continue prompts with a causal LM (greedy, sampling, beam search)"),
     "bench": ("minibert_lab.bench.cli", "cli_bench", "benchmark sweeps: tables (JSON, markdown) and plotly figures"),
@@ -55,7 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"minibert-lab {name}: interrupted", file=sys.stderr)
         return 130
 
-# %% ../nbs/90_cli.ipynb #44515827
+# %% ../nbs/90_cli.ipynb #095224fa
+def cli_lab(argv: Sequence[str]) -> int:
+    "`minibert-lab lab`: `pretrain.cli_lab` with the quality benchmark's evidence on SLAY in its printout and report."
+    from minibert_lab.pretrain import cli_lab as lab
+    from minibert_lab.bench.quality import lab_evidence
+    return lab(argv, evidence=lab_evidence)
+
 def cli_config(argv: Sequence[str]) -> int:
     "`minibert-lab config`: print an experiment config as JSON."
     from minibert_lab.pretrain import experiment_from_args    # imported when the subcommand runs, like `SUBCOMMANDS`

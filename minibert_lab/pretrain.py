@@ -26,8 +26,7 @@ __all__ = ['TOKENIZER_DIR', 'MIN_VALIDATION_MASKED', 'EXPERIMENT_CONFIG', 'MODEL
            'prepare_data', 'check_validation', 'pretrain', 'read_json_file', 'read_experiment_config',
            'experiment_from_args', 'experiment_from_cli', 'pretrain_parser', 'cli_pretrain', 'ResolvedModel',
            'resolve_model_path', 'encode_prompts', 'cli_generate', 'unigram_entropy', 'time_to_loss', 'lab_config',
-           'fresh_lab_dir', 'lab', 'lab_evidence', 'lab_sample', 'lab_setup', 'attention_side_by_side',
-           'write_lab_report', 'cli_lab']
+           'fresh_lab_dir', 'lab', 'lab_sample', 'lab_setup', 'attention_side_by_side', 'write_lab_report', 'cli_lab']
 
 # %% ../nbs/43_pretrain.ipynb #c67152cf
 def measure_throughput(cfg: ExperimentConfig, # experiment (framework in `cfg.train.framework`)
@@ -341,7 +340,7 @@ def cli_generate(argv: Sequence[str]) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "tokens": new[:cut]}) if a.json else f"{prompt} {text}")
     return 0
 
-# %% ../nbs/43_pretrain.ipynb #f2b7ce7b
+# %% ../nbs/43_pretrain.ipynb #78de9a69
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
 LAB_SAMPLE_PROMPT, LAB_SAMPLE_TOKENS = 8, 24   # a causal run continues the first 8 tokens of a validation row by 24
 LAB_PRESET = "tiny"
@@ -403,6 +402,7 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
         framework: str = "torch",        # "torch" or "jax"
         progress: bool = True,           # one tqdm bar over all steps of all runs, with ETA
         overwrite: bool = False,         # replace an earlier lab run in `out` (else: refused)
+        evidence: Callable[[Sequence[str]], tuple[str, str | None]] | None = None, # kinds -> (report HTML, text): what explains the result (the CLI passes `bench.quality.lab_evidence`)
         **overrides,                     # dotted config overrides for every run
        ) -> dict:
     "Train one `tiny` model per attention kind, compare them, and write `out/report.html`; returns the table."
@@ -453,39 +453,12 @@ def lab(out: str | Path | None = None, # folder of the runs and the report (None
         r["time_to_target_s"] = time_to_loss(read_metrics(runs[r["run"]]), target)
     table = pd.DataFrame(rows + [{"run": "unigram entropy (reference)", "val_loss": entropy,
                                   "val_ppl": math.exp(entropy)}])
-    evidence, verdict = lab_evidence(kinds)
+    evidence, verdict = evidence(kinds) if evidence is not None else ("", None)
     report = write_lab_report(out / "report.html", runs, maps, table, setup=setup, target=target, evidence=evidence)
     (out / "results.json").write_text(json.dumps({"rows": rows, "unigram_entropy": entropy, "target_loss": target,
                                                   "setup": setup, "slay_evidence": verdict}, indent=1))
     return {"table": table, "report": report, "unigram_entropy": entropy, "target_loss": target, "setup": setup,
             "slay_evidence": verdict}
-
-def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
-                 root: str | Path = ".", # the repository (where the committed benchmark results live)
-                ) -> tuple[str, str | None]:
-    "Why SLAY differs from softmax, from the committed quality benchmark (synthetic battery, MLM from scratch): (HTML tables and verdicts, the verdicts as text); ('', None) without a SLAY run."
-    import pandas as pd
-    from minibert_lab.bench.harness import SweepResult
-    from minibert_lab.bench import quality as q
-    if q.SLAY_LINE not in kinds: return "", None
-    if not (Path(root) / q.QUALITY_RESULTS).exists():
-        return (f"<p>The committed quality benchmark (<code>{q.QUALITY_RESULTS}</code>) is not under {html.escape(str(root))}: "
-                f"run the lab from the repository, or <code>minibert-lab bench quality --quick</code>.</p>", None)
-    load = lambda f: SweepResult.from_json(Path(root) / f) if (Path(root) / f).exists() else None
-    parts, verdicts = [], []
-    for where, main, extra in (("On the synthetic battery", q.QUALITY_RESULTS, q.QUALITY_BUDGET_RESULTS),
-                               ("On MLM from scratch", q.QUALITY_MLM_RESULTS, None)):
-        res = load(main)
-        if res is None: continue
-        causes = q.slay_causes(res, load(extra) if extra else None)
-        verdicts.append(q.slay_verdict(causes, where))
-        cols = ["cause", "a", "b", "seeds", "diff", "low", "high", "p_t", "verdict"]
-        t = pd.DataFrame(causes).reindex(columns=cols).to_html(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="")
-        b = res.meta["budget"]
-        parts.append(f"<h3>{html.escape(where)}</h3>\n<p>{html.escape(res.meta['description'])}. Each candidate cause is a paired "
-                     f"difference over {len(b['seeds'])} seeds (<code>{main}</code>; in every row <code>a</code> is SLAY's "
-                     f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
-    return "\n".join(parts), " ".join(verdicts)
 
 def lab_sample(backend, # a trained run's backend
                data, # its data (tokenizer, validation batches)
@@ -593,7 +566,9 @@ def write_lab_report(path: Path, runs: Mapping[str, Path], maps: Mapping[str, tu
     p.write_text(p.read_text().replace("<body>\n", "<body>\n" + head, 1))
     return p
 
-def cli_lab(argv: Sequence[str]) -> int:
+def cli_lab(argv: Sequence[str], # command-line words
+            evidence: Callable[[Sequence[str]], tuple[str, str | None]] | None = None, # passed to `lab`
+           ) -> int:
     "`minibert-lab lab`: softmax vs SLAY on the embedded corpus, table and HTML report."
     p = argparse.ArgumentParser(prog="minibert-lab lab", description="Train a softmax and a SLAY `tiny` model on the "
                                 "embedded corpus, print a comparison table and write OUT/report.html. Unknown "
@@ -608,7 +583,7 @@ def cli_lab(argv: Sequence[str]) -> int:
     if args.steps < 1: raise ValueError(f"--steps={args.steps}; allowed: an integer >= 1")
     try:
         res = lab(args.out, args.steps, args.kinds.split(","), args.framework, progress=not args.no_progress,
-                  overwrite=args.overwrite, **parse_overrides(rest))
+                  overwrite=args.overwrite, evidence=evidence, **parse_overrides(rest))
     except KeyboardInterrupt:
         print("minibert-lab lab: interrupted; no report written", file=sys.stderr); return 130
     cols = ["run", "val_loss", "val_ppl", "val_acc", "val_loss_spread", "tokens_per_s", "time_to_target_s"]

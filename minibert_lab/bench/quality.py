@@ -26,7 +26,7 @@ __all__ = ['PAD', 'MASK', 'BLANK', 'TRIGGER', 'FIRST_CONTENT', 'SYNTH_VOCAB', 'S
            'wilcoxon_exact', 'battery_cells', 'synth_model_config', 'model_inputs', 'budget_kind_params', 'eval_set',
            'accuracy', 'train_synth', 'Entry', 'battery_entries', 'peak_step_memory', 'bench_quality', 'quality_table',
            'sensitivity', 'pareto_front', 'quality_figure', 'quality_report', 'paired_difference', 'slay_causes',
-           'slay_verdict', 'mlm_config', 'bench_quality_mlm']
+           'slay_verdict', 'lab_evidence', 'mlm_config', 'bench_quality_mlm']
 
 # %% ../../nbs/54_bench_quality.ipynb #f665d994
 PAD, MASK, BLANK, TRIGGER = 0, 1, 2, 3   # special ids of the synthetic vocabulary
@@ -593,6 +593,34 @@ def slay_verdict(causes: Sequence[dict], where: str = "On the synthetic battery"
     if worse: out += ("Other SLAY estimators that lose to the exact kernel: "
                       + ", ".join(f"`{c['a']}` ({c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}])" for c in worse) + ".")
     return out.strip()
+
+# %% ../../nbs/54_bench_quality.ipynb #443a9be6
+def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
+                 root: str | os.PathLike = ".", # the repository (where the committed benchmark results live)
+                ) -> tuple[str, str | None]:
+    "Why SLAY differs from softmax, from the committed quality benchmark (synthetic battery, MLM from scratch): (HTML tables and verdicts, the verdicts as text); ('', None) without a SLAY run."
+    import pandas as pd
+    import html
+    from pathlib import Path
+    if SLAY_LINE not in kinds: return "", None
+    if not (Path(root) / QUALITY_RESULTS).exists():
+        return (f"<p>The committed quality benchmark (<code>{QUALITY_RESULTS}</code>) is not under {html.escape(str(root))}: "
+                f"run the lab from the repository, or <code>minibert-lab bench quality --quick</code>.</p>", None)
+    load = lambda f: SweepResult.from_json(Path(root) / f) if (Path(root) / f).exists() else None
+    parts, verdicts = [], []
+    for where, main, extra in (("On the synthetic battery", QUALITY_RESULTS, QUALITY_BUDGET_RESULTS),
+                               ("On MLM from scratch", QUALITY_MLM_RESULTS, None)):
+        res = load(main)
+        if res is None: continue
+        causes = slay_causes(res, load(extra) if extra else None)
+        verdicts.append(slay_verdict(causes, where))
+        cols = ["cause", "a", "b", "seeds", "diff", "low", "high", "p_t", "verdict"]
+        t = pd.DataFrame(causes).reindex(columns=cols).to_html(index=False, float_format=lambda v: f"{v:+.3f}", na_rep="")
+        b = res.meta["budget"]
+        parts.append(f"<h3>{html.escape(where)}</h3>\n<p>{html.escape(res.meta['description'])}. Each candidate cause is a paired "
+                     f"difference over {len(b['seeds'])} seeds (<code>{main}</code>; in every row <code>a</code> is SLAY's "
+                     f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
+    return "\n".join(parts), " ".join(verdicts)
 
 # %% ../../nbs/54_bench_quality.ipynb #e66b8bbe
 MLM_STEPS, MLM_STEPS_QUICK = 10000, 3000  # optimizer steps per run (everything else: the lab's `pretrain.lab_config`)
