@@ -470,3 +470,19 @@ def test_jax_long_inputs_take_the_blockwise_core_with_equal_outputs():
     assert m.fast_path is not None
     with mock.patch.object(kernels, "BLOCKWISE_MIN_LENGTH", 10**9): dense = np.asarray(m(x))   # the fused path, same length
     np.testing.assert_allclose(long, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_forward_after_a_fused_optimizer_step_uses_the_new_weights():
+    "Evaluation between training steps sees the current q/k/v weights: a fused AdamW step does not bump `_version`, so the reused concatenation must not outlive a training forward."
+    import torch
+    from minibert_lab.torch.attention import build_attention
+    torch.manual_seed(0)
+    attn, x = build_attention("standard", 16, 2), torch.randn(3, 7, 16)
+    opt = torch.optim.AdamW(attn.parameters(), lr=0.1, fused=True)
+    for _ in range(3):
+        with torch.no_grad(): attn(x)                                   # evaluation: fills the reuse cache
+        opt.zero_grad(); attn(x)[0].pow(2).sum().backward(); opt.step()  # weights change in place, `_version` unchanged
+    with torch.no_grad(): got = attn(x)[0]
+    fresh = build_attention("standard", 16, 2); fresh.load_state_dict(attn.state_dict())
+    with torch.no_grad(): want = fresh(x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

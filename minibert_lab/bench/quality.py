@@ -623,7 +623,7 @@ def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
     return "\n".join(parts), " ".join(verdicts)
 
 # %% ../../nbs/54_bench_quality.ipynb #e66b8bbe
-MLM_STEPS, MLM_STEPS_QUICK = 10000, 3000  # optimizer steps per run (everything else: the lab's `pretrain.lab_config`)
+MLM_STEPS, MLM_STEPS_QUICK = 10000, 1000  # optimizer steps per run (everything else: the lab's `pretrain.lab_config`)
 MLM_EVALS = 4                             # validation evaluations per run: the loss at each quarter of the budget
 
 def mlm_config(entry: Entry, seed: int, steps: int):

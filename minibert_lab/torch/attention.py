@@ -53,7 +53,7 @@ def rope_tables(position_ids: torch.Tensor | None, # [B, L] positions, or None f
     cos, sin = kernels.rope_cos_sin(pos, head_dim, theta)  # [B or 1, 1, L, D] each
     return cos.to(dtype), sin.to(dtype)
 
-# %% ../../nbs/11_attention.torch.ipynb #f49cec47
+# %% ../../nbs/11_attention.torch.ipynb #ccc73bab
 class Attention(nn.Module):
     "Multi-head attention of any kind in `kernels.ATTENTION_TYPES`."
     def __init__(self, kind: str, # attention kind
@@ -105,7 +105,10 @@ class Attention(nn.Module):
     def _fused_qkv(self, ps):
         "The concatenated q, k, v weights and biases; without autograd, kept until a parameter changes (decoding reuses them)."
         cat = lambda: (torch.cat([p.weight for p in ps]), None if ps[0].bias is None else torch.cat([p.bias for p in ps]))
-        if torch.is_grad_enabled() or torch.compiler.is_compiling(): return cat()  # training: weights change every step
+        if torch.compiler.is_compiling(): return cat()
+        if torch.is_grad_enabled():  # training: weights change every step, and a fused optimizer's in-place update
+            self.__dict__.pop("_qkv_cache", None)  # does not bump `_version`: drop the reused weights here
+            return cat()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for p in ps for t in (p.weight, p.bias) if t is not None)
         if getattr(self, "_qkv_cache", (None,))[0] != key: self._qkv_cache = (key, *cat())  # in-place updates bump `_version`
         return self._qkv_cache[1:]
