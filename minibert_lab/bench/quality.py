@@ -288,7 +288,7 @@ def train_synth(kind: str, # attention kind
     for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device, shift=shift)
     return res
 
-# %% ../../nbs/54_bench_quality.ipynb #69a215b2
+# %% ../../nbs/54_bench_quality.ipynb #05a5937b
 UNIFORM = "uniform"          # the weak control, registered below through the public registry
 BASELINE = "standard"        # softmax: every paired comparison is against it
 
@@ -342,6 +342,18 @@ def _pool_map(jobs: list, workers: int, fn: Callable = _run_job):
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         yield from ex.map(fn, [j | dict(threads=1) for j in jobs])
 
+def _check_seeds(seeds) -> tuple:
+    seeds = tuple(SYNTH_SEEDS if seeds is None else seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
+        raise ValueError(f"seeds={seeds!r} is invalid; allowed: distinct integers >= 0")
+    return seeds
+
+def _pool_workers(workers: int | None, device: str, entries: Sequence[Entry]) -> int:
+    "Processes for the runs: `workers`, else the CPUs this process may use (at most 4; 1 on cuda); 1 when a kind came from --import (it lives in this process only)."
+    if workers is None:
+        workers = 1 if device == "cuda" else min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    return 1 if any(e.kind not in set(kernels.ATTENTION_TYPES) | {UNIFORM} for e in entries) else workers
+
 def peak_step_memory(entry: Entry, cells: Sequence[dict], batch: int = SYNTH_BATCH, device: str = "cpu",
                      shift: bool = SYNTH_SHIFT) -> int:
     "Peak bytes of one training step (forward + backward) of `entry` on the battery's longest cell."
@@ -373,22 +385,17 @@ def bench_quality(quick: bool = False, # the --quick grid (SYNTH_STEPS_QUICK, SY
     "The synthetic battery: every line learns the cells with each learning rate (first seed), keeps its best on validation, then runs the other seeds; test accuracy per cell, cost per run."
     pick = lambda v, q, f: (q if quick else f) if v is None else v
     steps, eval_rows = pick(steps, SYNTH_STEPS_QUICK, SYNTH_STEPS), pick(eval_rows, SYNTH_EVAL_ROWS_QUICK, SYNTH_EVAL_ROWS)
-    lrs, seeds = tuple(pick(lrs, SYNTH_LRS_QUICK, SYNTH_LRS)), tuple(SYNTH_SEEDS if seeds is None else seeds)
+    lrs, seeds = tuple(pick(lrs, SYNTH_LRS_QUICK, SYNTH_LRS)), _check_seeds(seeds)
     batch, workers = pick(batch, SYNTH_BATCH_QUICK, SYNTH_BATCH), SYNTH_WORKERS if workers is None else workers
     for name, v, low in (("steps", steps, 1), ("batch", batch, 1), ("eval_rows", eval_rows, 1)): _check_int(name, v, low)
     if workers is not None: _check_int("workers", workers, 1)
-    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds={seeds!r} is invalid; allowed: distinct integers >= 0")
     if not lrs or any(not (isinstance(x, (int, float)) and 0 < x < 1) for x in lrs):
         raise ValueError(f"lrs={lrs!r} is invalid; allowed: learning rates in (0, 1)")
     grid = battery_cells(quick)
     bad = [c for c in (cells or ()) if c not in [g["name"] for g in grid]]
     if bad: raise ValueError(f"cells={bad!r} are invalid; allowed: {', '.join(g['name'] for g in grid)}")
     entries, cells = battery_entries(kinds, budget), [g for g in grid if cells is None or g["name"] in cells]
-    builtin = set(kernels.ATTENTION_TYPES) | {UNIFORM}
-    if workers is None:
-        workers = 1 if device == "cuda" else min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    if any(e.kind not in builtin for e in entries): workers = 1      # kinds from --import live in this process only
+    workers = _pool_workers(workers, device, entries)
     base = dict(cells=cells, steps=steps, batch=batch, device=device, eval_rows=eval_rows, shift=bool(shift))
     load_before, rows, t0 = load_average(), [], time.perf_counter()
     def run(jobs):
@@ -443,9 +450,9 @@ def _final_runs(res: SweepResult, label: str) -> list[dict]:
     rs = [r for r in res.rows if r["label"] == label and r["lr"] == lr and key in r]
     return sorted(rs, key=lambda r: r["seed"])
 
-def _paired(res: SweepResult, a: str, b: str, cell: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    "The metric of `a` and `b` on the seeds both have (a cell, or the score)."
-    ra, rb = ({r["seed"]: r for r in _final_runs(res, x)} for x in (a, b))
+def _paired(res: SweepResult, a: str, b: str, cell: int | None = None, a_from: SweepResult | None = None) -> tuple[np.ndarray, np.ndarray]:
+    "The metric of `a` (from `a_from` when given) and `b` on the seeds both have (a cell, or the score)."
+    ra, rb = ({r["seed"]: r for r in _final_runs(src, x)} for src, x in ((a_from or res, a), (res, b)))
     seeds, key = sorted(set(ra) & set(rb)), _metric(res)[0]
     f = (lambda r: r[key][cell]) if cell is not None else (lambda r: _score(res, r))
     return np.array([f(ra[s]) for s in seeds]), np.array([f(rb[s]) for s in seeds])
@@ -530,7 +537,7 @@ register_benchmark("quality", bench_quality, quality_report,
                    "synthetic battery (MQAR, selective copy, induction): accuracy per kind with intervals, and its cost",
                    options=("kinds",))
 
-# %% ../../nbs/54_bench_quality.ipynb #79d58a33
+# %% ../../nbs/54_bench_quality.ipynb #b44fe95c
 QUALITY_RESULTS = "nbs/bench_results/quality.json"                # the committed battery (read by the lab's report)
 QUALITY_BUDGET_RESULTS = "nbs/bench_results/quality-budget.json"  # `slay` at the lab's feature budget, same seeds and cells
 QUALITY_MLM_RESULTS = "nbs/bench_results/quality-mlm.json"        # protocol 3: MLM from scratch (read by the lab's report)
@@ -538,18 +545,15 @@ SLAY_LINE, EXACT_LINE = "slay", "yat-spherical[kernel]"          # the lab's SLA
 
 def paired_difference(res: SweepResult, a: str, b: str, other: SweepResult | None = None) -> dict:
     "Score of `a` (from `other` when given: same seeds and cells) minus `b`, seed by seed: mean, 95% interval, paired-t p, verdict (which is better, in the metric's direction)."
-    src = res if other is None else other
     if other is not None:
         same = lambda m: {k: v for k, v in m["budget"].items() if k not in ("feature_budget", "workers", "torch_threads_per_worker")}
         if same(other.meta) != same(res.meta) or other.meta["cells"] != res.meta["cells"]:
             raise ValueError("other is invalid: its budget or cells differ from res's; allowed: a run with the same seeds, cells and steps")
-    ra, rb = ({r["seed"]: _score(x, r) for r in _final_runs(x, l)} for x, l in ((src, a), (res, b)))
-    seeds = sorted(set(ra) & set(rb))
-    if len(seeds) < 2: return dict(a=a, b=b, seeds=len(seeds), verdict="not measured (fewer than 2 paired seeds)")
-    x, y = np.array([ra[s] for s in seeds]), np.array([rb[s] for s in seeds])
+    x, y = _paired(res, a, b, a_from=other)
+    if len(x) < 2: return dict(a=a, b=b, seeds=len(x), verdict="not measured (fewer than 2 paired seeds)")
     m, lo, hi = t_interval(x - y)
     a_up, b_up = (lo > 0, hi < 0) if _metric(res)[1] else (hi < 0, lo > 0)      # a lower loss is better
-    return dict(a=a, b=b, seeds=len(seeds), diff=m, low=lo, high=hi, p_t=paired_t(x, y)[1],
+    return dict(a=a, b=b, seeds=len(x), diff=m, low=lo, high=hi, p_t=paired_t(x, y)[1],
                 verdict="a better" if a_up else ("b better" if b_up else "no difference shown"))
 
 def slay_causes(res: SweepResult, # the battery (with softmax, `yat-spherical`, `yat-spherical[kernel]` and SLAY lines)
@@ -622,7 +626,7 @@ def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
                      f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
     return "\n".join(parts), " ".join(verdicts)
 
-# %% ../../nbs/54_bench_quality.ipynb #e66b8bbe
+# %% ../../nbs/54_bench_quality.ipynb #9d7b06f4
 MLM_STEPS, MLM_STEPS_QUICK = 10000, 1000  # optimizer steps per run (everything else: the lab's `pretrain.lab_config`)
 MLM_EVALS = 4                             # validation evaluations per run: the loss at each quarter of the budget
 
@@ -673,16 +677,12 @@ def bench_quality_mlm(quick: bool = False, # MLM_STEPS_QUICK steps instead of ML
     from minibert_lab.pretrain import LAB_OVERRIDES, prepare_data, unigram_entropy
     from minibert_lab.data import load_corpus
     if device != "cpu": raise ValueError(f"device={device!r} is invalid for quality-mlm; allowed: 'cpu' (the lab's torch backend has no device switch)")
-    steps, seeds = (MLM_STEPS_QUICK if quick else MLM_STEPS) if steps is None else steps, tuple(SYNTH_SEEDS if seeds is None else seeds)
+    steps, seeds = (MLM_STEPS_QUICK if quick else MLM_STEPS) if steps is None else steps, _check_seeds(seeds)
     _check_int("steps", steps, MLM_EVALS)
     if workers is not None: _check_int("workers", workers, 1)
-    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
-        raise ValueError(f"seeds={seeds!r} is invalid; allowed: distinct integers >= 0")
     entries = battery_entries(kinds, budget)
     cfg0 = mlm_config(entries[0], seeds[0], steps)                            # checked before any run
-    if workers is None: workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    builtin = set(kernels.ATTENTION_TYPES) | {UNIFORM}
-    if any(e.kind not in builtin for e in entries): workers = 1
+    workers = _pool_workers(workers, device, entries)
     load_before, rows, t0 = load_average(), [], time.perf_counter()
     jobs = [dict(entry=dataclasses.asdict(e), lr=cfg0.train.lr, seed=s, steps=steps) for s in seeds for e in entries]
     for r in _pool_map(jobs, workers, _run_mlm_job):
