@@ -327,7 +327,7 @@ def preset_dict(name: str) -> dict:
     if fam == "modernbert" and size in ("small", "base"): d.update(local_window=128, max_len=1024)
     return d
 
-# %% ../nbs/00_config.ipynb #588de152
+# %% ../nbs/00_config.ipynb #b071f237
 OBJECTIVES = ("mlm", "clm")  # masked-LM (encoders) or causal-LM (next token) pre-training
 
 @dataclass(frozen=True)
@@ -392,6 +392,7 @@ class TrainConfig(ConfigBase):
     tensorboard: bool = False          # also write TensorBoard events
     mesh_model: int = 1                # JAX: size of the `model` mesh axis
     distributed: str = "none"          # torch: "none", "ddp" or "fsdp"
+    device: str = "cpu"                # torch: "cpu" or "cuda" (the model and batches; JAX uses its default backend)
 
     def __post_init__(self):
         n = "TrainConfig"
@@ -399,6 +400,7 @@ class TrainConfig(ConfigBase):
         _check_choice(n, "precision", self.precision, ("fp32", "bf16"))
         _check_choice(n, "on_nan", self.on_nan, ("stop", "restore"))
         _check_choice(n, "distributed", self.distributed, ("none", "ddp", "fsdp"))
+        _check_choice(n, "device", self.device, ("cpu", "cuda"))
         for k in ("steps", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
                   "log_every", "mesh_model"):
             _check_int(n, k, getattr(self, k), 1)

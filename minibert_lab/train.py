@@ -258,7 +258,7 @@ def prune_checkpoints(out: str | Path, keep: int):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid(): shutil.rmtree(p, ignore_errors=True)
 
-# %% ../nbs/40_train.ipynb #70b9fa40
+# %% ../nbs/40_train.ipynb #8e0bffa9
 def _flat(d: Mapping, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -271,7 +271,7 @@ def config_diff(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple]:
     fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
-RESUMABLE_FIELDS = ("train.steps",)   # config fields a resume may change
+RESUMABLE_FIELDS = ("train.steps", "train.device")   # config fields a resume may change (a longer run; another device)
 
 def prepare_run(out: str | Path,        # run folder
                 cfg: ExperimentConfig,  # the run's config (vocabulary already matched to the tokenizer)
@@ -297,14 +297,17 @@ def prepare_run(out: str | Path,        # run folder
                          f"same config as the saved {CONFIG_FILE}, or a new --out folder")
     ckpt = latest_checkpoint(out)
     if ckpt is None: warnings.warn(f"resume: no intact checkpoint in {out}; starting from step 0")
-    if changed:
+    if "train.steps" in changed:
         at = checkpoint_step(ckpt) if ckpt is not None else 0
         if cfg.train.steps < at:
             raise ValueError(f"resume: train.steps={cfg.train.steps} is below the step {at} of the checkpoint {ckpt}; "
                              f"allowed: train.steps >= {at}")
         warnings.warn(f"resume: train.steps changed from {saved.train.steps} to {cfg.train.steps} (resuming at step {at}); "
                       f"the learning-rate schedule follows the new total from here on")
-        cfg.to_json(out / CONFIG_FILE)
+    if "train.device" in changed:
+        warnings.warn(f"resume: train.device changed from {saved.train.device!r} to {cfg.train.device!r}; the run goes on there "
+                      f"(its numbers may differ in the last bits from a run that stayed on one device)")
+    if changed: cfg.to_json(out / CONFIG_FILE)
     return ckpt
 
 # %% ../nbs/40_train.ipynb #c8bf1d09

@@ -486,3 +486,16 @@ def test_no_grad_forward_after_a_fused_optimizer_step_uses_the_new_weights():
     fresh = build_attention("standard", 16, 2); fresh.load_state_dict(attn.state_dict())
     with torch.no_grad(): want = fresh(x)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", kernels.ATTENTION_TYPES)
+def test_training_after_an_inference_mode_forward(kind):
+    "A model first used under `torch.inference_mode` (as `embeddings.encode` does) still trains: no constant cached inside inference mode reaches autograd."
+    from minibert_lab.torch.attention import build_attention
+    kernels.core._CONSTANTS.clear()                                       # constants are cached process-wide: start empty
+    torch.manual_seed(0)
+    attn, x = build_attention(kind, 16, 2), torch.randn(3, 7, 16)
+    with torch.inference_mode(): attn(x)
+    out = attn(x.requires_grad_())[0]
+    out.pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

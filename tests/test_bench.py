@@ -342,7 +342,8 @@ def test_render_committed_results():
     from pathlib import Path
     root = Path(__file__).parents[1] / "nbs" / "bench_results"
     for name, files in (("attention", ["attention-cpu", "attention-cuda"]), ("models", ["models-cpu", "models-cuda"]),
-                        ("approx", ["approx"]), ("quality", ["quality"]), ("quality-mlm", ["quality-mlm"])):
+                        ("approx", ["approx"]), ("quality", ["quality"]), ("quality-mlm", ["quality-mlm"]),
+                        ("quality-transplant", ["quality-transplant"]), ("quality-distill", ["quality-distill"])):
         for f in files:
             md, figs = harness.render_benchmark(name, harness.SweepResult.from_json(root / f"{f}.json"))
             assert md.startswith(f"## `{name}`") and "Machine:" in md and figs

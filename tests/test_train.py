@@ -350,3 +350,35 @@ def test_ddp_without_torchrun_warns(data_and_cfg, monkeypatch):
     with pytest.warns(UserWarning, match="train.distributed='ddp' .*torchrun --nproc_per_node"):
         be = TorchBackend(cfg.override({"train.distributed": "ddp"}))
     assert be.world == 1
+
+
+def test_device_setting(tmp_path, data_and_cfg):
+    "`train.device`: checked by the config; CUDA without a CUDA device is a clear error before any work; batches go where the model is; a resume may change it."
+    import torch
+    _, cfg, batches = data_and_cfg
+    with pytest.raises(ValueError, match="TrainConfig.device='tpu' is invalid; allowed: 'cpu', 'cuda'"): cfg.override({"train.device": "tpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device='cuda' but torch sees no CUDA device"):
+            P.make_backend(cfg.override({"train.device": "cuda"}))
+    be = P.make_backend(cfg)
+    assert be.device.type == "cpu" and all(t.device == be.device for t in be.tensors(batches[0]).values())
+    assert "train.device" in T.RESUMABLE_FIELDS
+    T.prepare_run(tmp_path, cfg.override({"train.device": "cuda"}))          # a run started on a GPU ...
+    with pytest.warns(UserWarning, match="train.device changed from 'cuda' to 'cpu'"):
+        T.prepare_run(tmp_path, cfg, resume=True)                              # ... resumed on the CPU
+    assert ExperimentConfig.from_json(tmp_path / T.CONFIG_FILE).train.device == "cpu"
+
+
+@pytest.mark.cuda
+def test_cuda_training_matches_cpu(data_and_cfg):
+    "The same steps on the GPU and on the CPU give the same losses (TF32 off)."
+    import torch
+    if not torch.cuda.is_available(): pytest.skip("no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
+    _, cfg, batches = data_and_cfg
+    cpu, gpu = P.make_backend(cfg), P.make_backend(cfg.override({"train.device": "cuda"}))
+    assert next(gpu.model.parameters()).is_cuda
+    for b in batches[:3]:
+        assert gpu.train_step([b])["loss"] == pytest.approx(cpu.train_step([b])["loss"], rel=1e-4)
+    assert gpu.eval_batch(batches[0])[0] == pytest.approx(cpu.eval_batch(batches[0])[0], rel=1e-4)
+    np.testing.assert_allclose(gpu.attention_maps(batches[0]), cpu.attention_maps(batches[0]), rtol=1e-4, atol=1e-5)

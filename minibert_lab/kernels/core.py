@@ -632,7 +632,7 @@ def _ref_rff(q, k, st, p, pos):
                                                      + ph[None, :, None, :])
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
-# %% ../../nbs/10_kernels.ipynb #018c93e2
+# %% ../../nbs/10_kernels.ipynb #ec9d962a
 @functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
@@ -650,7 +650,10 @@ def _constant(xp, a: np.ndarray, like):
     "The numpy constant `a` in `like`'s dtype: a torch tensor converted once per (dtype, device); numpy as is (JAX embeds it)."
     if not array_api_compat.is_torch_array(like): return a.astype(like.dtype)  # never an array created under a JAX trace
     key = (a.shape, a.tobytes(), like.dtype, like.device)
-    if key not in _CONSTANTS: _CONSTANTS[key] = xp.asarray(a, dtype=like.dtype, device=like.device)
+    if key not in _CONSTANTS:
+        import torch
+        with torch.inference_mode(False):      # made under inference mode, the cached tensor could never enter autograd later
+            _CONSTANTS[key] = xp.asarray(a, dtype=like.dtype, device=like.device)
     return _CONSTANTS[key]
 
 @functools.lru_cache(maxsize=None)

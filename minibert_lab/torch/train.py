@@ -18,7 +18,7 @@ from ..train import decays, make_schedule
 __all__ = ['WEIGHTS_FILE', 'STATE_FILE', 'RUNTIME_FILE', 'MODEL_INPUTS', 'to_torch', 'dist_info', 'init_distributed',
            'shard_rows', 'TorchBackend']
 
-# %% ../../nbs/41_train.torch.ipynb #3f8b45f4
+# %% ../../nbs/41_train.torch.ipynb #3a7f0f46
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 RUNTIME_FILE = "runtime.json"   # torch thread count of the process that wrote the checkpoint
@@ -39,8 +39,8 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-def init_distributed(mode: str) -> tuple[int, int]:
-    "Join the torchrun process group (gloo on CPU, nccl on GPU) when `mode` is ddp/fsdp and WORLD_SIZE is set."
+def init_distributed(mode: str, device: str = "cpu") -> tuple[int, int]:
+    "Join the torchrun process group (gloo on the CPU, nccl on `device='cuda'`) when `mode` is ddp/fsdp and WORLD_SIZE is set."
     import torch.distributed as dist
     if mode != "none" and "WORLD_SIZE" not in os.environ:
         warnings.warn(f"train.distributed={mode!r} but this process was not started by torchrun (WORLD_SIZE is not set): "
@@ -48,7 +48,8 @@ def init_distributed(mode: str) -> tuple[int, int]:
                       f"(N processes), or set train.distributed='none'")
     if mode == "none" or int(os.environ.get("WORLD_SIZE", "1")) == 1: return dist_info()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device == "cuda": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return dist_info()
 
 def shard_rows(batch: dict, rank: int, world: int) -> dict:
@@ -58,7 +59,7 @@ def shard_rows(batch: dict, rank: int, world: int) -> dict:
     if b % world: raise ValueError(f"batch_size={b} is not divisible by the world size {world}; allowed: a multiple")
     return {k: (np.asarray(v)[rank::world] if v is not None else None) for k, v in batch.items()}
 
-# %% ../../nbs/41_train.torch.ipynb #6ee9e30e
+# %% ../../nbs/41_train.torch.ipynb #d6052f1c
 class TorchBackend:
     "torch model + AdamW + schedule; one optimizer step per `train_step`, exact save/load."
     def __init__(self, cfg: ExperimentConfig,  # the run's config (model vocabulary matched to the tokenizer)
@@ -68,13 +69,17 @@ class TorchBackend:
                 ):
         from minibert_lab.torch.models import MiniBERTForMaskedLM
         self.cfg, tc = cfg, cfg.train
-        self.rank, self.world = init_distributed(tc.distributed)
+        if tc.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device='cuda' but torch sees no CUDA device; allowed: 'cpu' here")
+        self.rank, self.world = init_distributed(tc.distributed, tc.device)
         torch.manual_seed(tc.seed)
         if model is not None: self.model = model
         elif cfg.data.objective == "clm":
             from minibert_lab.torch.causal import MiniGPTForCausalLM
             self.model = MiniGPTForCausalLM(cfg.model)
         else: self.model = MiniBERTForMaskedLM(cfg.model)
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if tc.device == "cuda" else torch.device("cpu")
+        self.model.to(self.device)
         self.wrapped = self.model
         if self.world > 1 and tc.distributed == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -97,9 +102,13 @@ class TorchBackend:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: float(sched(s)))
         self.forward = torch.compile(self.wrapped) if tc.compile else self.wrapped
 
+    def tensors(self, batch: dict) -> dict:
+        "Model inputs of a numpy batch as torch tensors on the backend's device."
+        return {k: v.to(self.device) for k, v in to_torch(batch).items()}
+
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
-            return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _sync(self, last: bool):
@@ -116,15 +125,15 @@ class TorchBackend:
         self.model.train()
         parts = [shard_rows(b, self.rank, self.world) for b in micro_batches]
         n_local = sum(self.predicted(b) for b in parts)
-        n = torch.tensor(float(n_local))
+        n = torch.tensor(float(n_local), device=self.device)
         if self.world > 1:
             import torch.distributed as dist
             dist.all_reduce(n)
         scale = self.world / max(float(n), 1.0)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.device)
         for i, b in enumerate(parts):
             with self._sync(i == len(parts) - 1), self._autocast():
-                ls = self.loss_sum(to_torch(b))
+                ls = self.loss_sum(self.tensors(b))
             (ls.float() * scale).backward()
             loss_sum += ls.detach().float()
         if self.world > 1:
@@ -156,7 +165,7 @@ class TorchBackend:
     def eval_batch(self, batch: dict) -> tuple[float, int, int]:
         "Summed loss, predicted-token count and correct predictions on one batch (eval mode)."
         self.model.eval()
-        t = to_torch(batch)
+        t = self.tensors(batch)
         with self._autocast(): out = self.forward(**t)
         y = t["labels"].reshape(-1)
         correct = int((out.logits.argmax(-1) == y[y != IGNORE_INDEX]).sum())
@@ -187,10 +196,10 @@ class TorchBackend:
     def attention_maps(self, batch: dict, row: int = 0) -> np.ndarray:
         "Attention weights `[layers, H, n, n]` of row `row` of a batch, over its `n` real tokens."
         self.model.eval()
-        t = {k: v[row:row + 1] for k, v in to_torch(batch).items() if k != "labels"}
+        t = {k: v[row:row + 1] for k, v in self.tensors(batch).items() if k != "labels"}
         out = self.model(**t, output_attentions=True)
         n = int(t["attention_mask"].sum()) if "attention_mask" in t else t["input_ids"].shape[1]
-        return np.stack([w[0, :, :n, :n].float().numpy() for w in out.attentions])
+        return np.stack([w[0, :, :n, :n].float().cpu().numpy() for w in out.attentions])
 
     def _model_state(self) -> dict:
         if self.cfg.train.distributed == "fsdp" and self.world > 1:
