@@ -640,7 +640,7 @@ def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
                      f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
     return "\n".join(parts), " ".join(verdicts)
 
-# %% ../../nbs/54_bench_quality.ipynb #3192d984
+# %% ../../nbs/54_bench_quality.ipynb #6f40c91b
 TRANSPLANT_TASK = "trec-6"                   # the downstream task (a packaged task of the fine-tuning chapter): a linear probe of the embeddings
 TRANSPLANT_PROBE = dict(max_train=300, max_heldout=200, max_len=32)   # its budget: bench-tasks' frozen encoder + LR row
 TRANSPLANT_LEE_LEN = 128                     # tokens per Lee document
@@ -677,10 +677,6 @@ def transplant_data(model_dir: str | os.PathLike, seed: int = 0, batch: int = TR
     from minibert_lab.data import build_data
     return build_data(DataConfig(tokenizer=str(model_dir), seq_len=seq_len, batch_size=batch, seed=seed), seq_len)
 
-def _device_batch(b: Mapping, device: str) -> dict:
-    from minibert_lab.torch.train import to_torch
-    return {k: v.to(device) for k, v in to_torch(dict(b)).items()}
-
 def recovery_loss(model, # the transplanted `MiniBERTForMaskedLM`
                   teacher, # the original `MiniBERT` (used by "distill")
                   batch: Mapping, # an MLM batch on the model's device
@@ -700,16 +696,18 @@ def recovery_loss(model, # the transplanted `MiniBERTForMaskedLM`
 def mlm_validation_loss(model, batches: Sequence[Mapping], device: str = "cpu") -> float:
     "Masked-LM loss over the predicted tokens of `batches` (eval mode, no gradients)."
     import torch
+    from minibert_lab.torch.train import to_torch
     model.eval(); total = n = 0
     with torch.no_grad():
         for b in batches:
-            t = _device_batch(b, device); k = int((t["labels"] != IGNORE_INDEX).sum())
+            t = to_torch(b, device); k = int((t["labels"] != IGNORE_INDEX).sum())
             total += model(**t).loss.item() * k; n += k
     return total / n
 
 def recover(model, teacher, data, objective: str, steps: int, lr: float, device: str = "cpu", train_only=None) -> dict:
     "Recovery fine-tune on the corpus (AdamW, warm-up + cosine, clipping at 1); `train_only`: the parameters to train (default all). Returns seconds, tokens, the loss curve."
     import torch
+    from minibert_lab.torch.train import to_torch
     params = [p for p in (model.parameters() if train_only is None else train_only) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     it, tokens, curve, warm = iter(data.train), 0, [], max(int(SYNTH_WARMUP * steps), 1)
@@ -717,7 +715,7 @@ def recover(model, teacher, data, objective: str, steps: int, lr: float, device:
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = float(lr_at(step, lr=lr, warmup_steps=warm, total_steps=steps, min_lr_ratio=SYNTH_MIN_LR_RATIO))
-        b = _device_batch(next(it), device)
+        b = to_torch(next(it), device)
         loss = recovery_loss(model, teacher, b, objective)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
@@ -778,6 +776,7 @@ class EmbeddingProbe:
 def _run_transplant_job(job: dict) -> dict:
     "One transplant (a process-pool job): what it keeps before and after recovery, MLM loss before and after, cost."
     import torch
+    from minibert_lab.torch.train import to_torch
     from minibert_lab.data import load_tokenizer
     from minibert_lab.hf import from_hf
     from minibert_lab.bench.harness import torch_peak_memory
@@ -794,7 +793,7 @@ def _run_transplant_job(job: dict) -> dict:
         before, mlm_before = probe.measure(model), mlm_validation_loss(model, val, dev)
         rec = recover(model, src, data, job["objective"], job["steps"], job["lr"], dev)
         after, mlm_after = probe.measure(model), mlm_validation_loss(model, val, dev)
-        b = _device_batch(val[0], dev)
+        b = to_torch(val[0], dev)
         def step(): model.zero_grad(set_to_none=True); recovery_loss(model, src, b, job["objective"]).backward()
         model.train(); step()
         out |= dict(scores=[before[m] for m in TRANSPLANT_MEASURES] + [after[m] for m in TRANSPLANT_MEASURES],
