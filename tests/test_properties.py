@@ -17,6 +17,16 @@ KINDS = K.ATTENTION_TYPES
 EXAMPLES, SLOW_EXAMPLES = 4, 40     # per kind and property: default suite / slow suite
 INVARIANCE_ATOL = 1e-9              # float64: a change that should not move an output moves it by at most this
 SCALES = (1e-3, 1e-1, 1.0, 10.0, 1e2)
+# Where float32 cannot hold the features the float64 oracle uses: FAVOR+ products exp(ωᵀq − max)·exp(ωᵀk − max) underflow
+# to 0 once q·k/√D spans hundreds, and elu+1 of a key below −87 is 0 (a row whose keys are all that negative has no
+# weight left); the float32 comparison of those kinds stops at the largest scale where their features are representable
+FP32_MAX_SCALE = {"performer": 1.0, "linear": 10.0}
+
+
+def _max_len(kind, n):
+    "At most `n` tokens, and no more than the kind's position range (cosformer's with its small parameters)."
+    spec = K.get_kind(kind)
+    return n if spec.max_position is None else min(n, spec.max_position(K.resolve_params(kind, K.small_params(kind))))
 
 
 def _settings(n):
@@ -25,11 +35,11 @@ def _settings(n):
 
 
 @st.composite
-def cases(draw, max_len=9):
+def cases(draw, max_len=9, max_scale=None):
     "q, k, v float64 [B, H, L, D], segment_ids (contiguous increasing documents, trailing pads; rows may be all pad)."
     B, H, L = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, max_len))
     D = draw(st.sampled_from((2, 4, 8)))
-    scale = draw(st.sampled_from(SCALES))
+    scale = draw(st.sampled_from([s for s in SCALES if max_scale is None or s <= max_scale]))
     seg = np.zeros((B, L), np.int64)
     for b in range(B):
         real = draw(st.integers(0, L))                                # tokens before the trailing pads
@@ -111,19 +121,20 @@ def test_finite_padding_documents_future(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_equals_jax(kind):
-    given(cases(max_len=7))(_settings(1)(lambda c: _check_frameworks(kind, c)))()
+    given(cases(max_len=_max_len(kind, 7), max_scale=FP32_MAX_SCALE.get(kind)))(_settings(1)(lambda c: _check_frameworks(kind, c)))()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_finite_padding_documents_future_many(kind):
-    given(cases(max_len=33))(_settings(SLOW_EXAMPLES)(lambda c: _check_finite_and_local(kind, c)))()
+    given(cases(max_len=_max_len(kind, 33)))(_settings(SLOW_EXAMPLES)(lambda c: _check_finite_and_local(kind, c)))()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_equals_jax_many(kind):
-    given(cases(max_len=17))(_settings(SLOW_EXAMPLES // 4)(lambda c: _check_frameworks(kind, c)))()
+    given(cases(max_len=_max_len(kind, 17), max_scale=FP32_MAX_SCALE.get(kind)))(
+        _settings(SLOW_EXAMPLES // 4)(lambda c: _check_frameworks(kind, c)))()
 
 
 @given(st.lists(st.integers(-2, 4), min_size=1, max_size=8), st.lists(st.integers(-1, 2), min_size=1, max_size=8))

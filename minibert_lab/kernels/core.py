@@ -28,17 +28,17 @@ __all__ = ['UNIT_NORM_EPS', 'DENOMINATOR_EPS', 'PRF_EXPONENT_CLIP', 'DEFAULT_CHU
            'linear_sums', 'form_costs', 'choose_form', 'state_names', 'attention_core', 'DecodeContext', 'cache_bucket',
            'kv_cache_step', 'recurrent_state_step', 'decode_attention', 'cache_nbytes']
 
-# %% ../../nbs/10_kernels.ipynb #ab4d4c63
+# %% ../../nbs/10_kernels.ipynb #9eb6294c
 UNIT_NORM_EPS = 1e-12      # added to ‖x‖² before the square root when projecting onto the unit sphere (finite grad at 0)
 DENOMINATOR_EPS = 1e-6     # signed-feature kinds: |denominator| is clamped to at least this, keeping its sign (0 -> +)
-PRF_EXPONENT_CLIP = 30.0   # SLAY positive random features: exponent clipped to [-clip, clip] before exp
+PRF_EXPONENT_CLIP = 30.0   # SLAY positive random features: exponent capped at +clip before exp (an overflow guard)
 DEFAULT_CHUNK_SIZE = 64    # chunk length of the causal prefix sums when the caller gives none
 ROPE_THETA = 10000.0       # default RoPE base
 DEFAULT_COS_MAX_LEN = 512  # cosformer's position range M (its weights cos(π(i-j)/2M) need |i - j| < M)
 FEATURES_PER_HEAD_DIM = 8  # SLAY kinds' default feature budget: F = 8·D features per head (D = 16: 128, D = 64: 512)
 FEATURE_BUDGETS = dict(paper=1024)  # named budgets F per head: the SLAY paper's R = 2 nodes × P = 16 × M = 32
 
-# %% ../../nbs/10_kernels.ipynb #e4157c08
+# %% ../../nbs/10_kernels.ipynb #3039eb89
 def _dev(x) -> dict:
     "`device=` keyword for creating arrays next to `x` (torch only; numpy and JAX place arrays by default)."
     return {"device": x.device} if array_api_compat.is_torch_array(x) else {}
@@ -57,6 +57,14 @@ def _as_array(xp, a, like, dtype=None):
 
 def _relu(xp, x):
     return xp.where(x > 0, x, xp.zeros_like(x))
+
+def _stop_gradient(a):
+    "`a` outside autograd (torch `detach`, JAX `stop_gradient`, numpy as is): for shifts whose effect cancels exactly."
+    if array_api_compat.is_torch_array(a): return a.detach()
+    if array_api_compat.is_jax_array(a) or type(a).__module__.startswith("jax"):
+        import jax
+        return jax.lax.stop_gradient(a)
+    return a
 
 def _unit(xp, x):
     "Project the last axis onto the unit sphere (with `UNIT_NORM_EPS`, so the gradient stays finite at 0)."
@@ -563,7 +571,7 @@ def _normalise(xp, s, mask, normalize):
     den = xp.sum(e, axis=-1, keepdims=True)  # [B, H, L, 1]
     return e / _guard_den(xp, den, positive=True)
 
-# %% ../../nbs/10_kernels.ipynb #f721531f
+# %% ../../nbs/10_kernels.ipynb #d7b18a0f
 @dataclass
 class FeatureContext:
     "What a feature map may know besides `x`: its role, positions, real keys, causality, params."
@@ -576,6 +584,9 @@ class FeatureContext:
 
 def _linear_features(x, state, params, ctx):
     xp = ctx.xp
+    if ctx.role == "query":  # a row of only negative entries: shift by its max (the query's factor cancels in its ratio)
+        top = _stop_gradient(xp.max(x, axis=-1, keepdims=True))  # [B, H, L, 1]
+        x = x - xp.where(top < 0, top, xp.zeros_like(top))  # else exp underflows and the denominator floor takes over
     return xp.where(x > 0, x + 1, xp.exp(xp.where(x > 0, xp.zeros_like(x), x)))  # exp only of non-positive values
 
 def _ref_linear(q, k, st, p, pos):
@@ -585,15 +596,13 @@ def _ref_linear(q, k, st, p, pos):
 def _performer_features(x, state, params, ctx):
     xp = ctx.xp
     omega = state["omega"]  # [H, D, M]
-    M = omega.shape[-1]
-    u = x / x.shape[-1] ** 0.25  # [B, H, L, D]
-    proj = u @ omega  # [B, H, L, M]
+    D, M = x.shape[-1], omega.shape[-1]
+    proj = x @ (omega * D ** -0.25)  # [B, H, L, M] = uᵀω with u = x / D^¼ (the scale folded into the small ω)
     if params["feature_map"] == "relu": return _relu(xp, proj) / math.sqrt(M)
-    expo = proj - xp.sum(u * u, axis=-1, keepdims=True) / 2  # [B, H, L, M]
-    stab = xp.max(expo, axis=-1, keepdims=True)  # [B, H, L, 1] row max
-    f = xp.exp(expo - stab) / math.sqrt(M)  # [B, H, L, M], largest entry 1/√M
-    if ctx.role == "query": return f  # a query's own factor cancels in its ratio
-    return f, stab[..., 0]  # keys: the true features are f · exp(stab) (the core rescales causally)
+    top = _stop_gradient(xp.max(proj, axis=-1, keepdims=True))  # [B, H, L, 1] row max: a shift that cancels, no gradient
+    f = xp.exp(proj - (top + 0.5 * math.log(M)))  # [B, H, L, M] = exp(ωᵀu − ‖u‖²/2 − stab)/√M: two passes over [.., M]
+    if ctx.role == "query": return f  # a query's own factor exp(stab) cancels in its ratio
+    return f, (top - xp.sum(x * x, axis=-1, keepdims=True) / (2 * math.sqrt(D)))[..., 0]  # keys: true features f·e^stab
 
 def _ref_performer(q, k, st, p, pos):
     "FAVOR+ kernel matrix with one global (cancelling) shift per (b, h) and role instead of row maxima."
@@ -621,9 +630,8 @@ def _ref_cosformer(q, k, st, p, pos):
 def _rff_features(x, state, params, ctx):
     xp = ctx.xp
     omega, phase = state["omega"], state["phase"]  # [H, D, M], [H, M]
-    M = omega.shape[-1]
-    u = x / x.shape[-1] ** 0.25  # [B, H, L, D]
-    proj = (u @ omega) / params["bandwidth"] + phase[None, :, None, :]  # [B, H, L, M]
+    D, M = x.shape[-1], omega.shape[-1]
+    proj = x @ (omega * (D ** -0.25 / params["bandwidth"])) + phase[None, :, None, :]  # [B, H, L, M], scales folded into ω
     return math.sqrt(2.0 / M) * xp.cos(proj)
 
 def _ref_rff(q, k, st, p, pos):
@@ -632,7 +640,7 @@ def _ref_rff(q, k, st, p, pos):
                                                      + ph[None, :, None, :])
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
-# %% ../../nbs/10_kernels.ipynb #ec9d962a
+# %% ../../nbs/10_kernels.ipynb #365ee8fc
 @functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
@@ -658,24 +666,25 @@ def _constant(xp, a: np.ndarray, like):
 
 @functools.lru_cache(maxsize=None)
 def _prf_constants(s: tuple, w: tuple | None, M: int) -> tuple:
-    "Per-node numpy constants of `_prf` `[R, 1]` each: √(2s_r), s_r and √(w_r / M) (computed once per node set)."
+    "Per-node numpy constants of `_prf` `[R, 1]` each: √(2s_r), the shift s_r − log√(w_r/M) and the cap `PRF_EXPONENT_CLIP` + log√(w_r/M)."
     s = np.asarray(s, np.float64).reshape(-1, 1)
     w = np.ones_like(s) if w is None else np.asarray(w, np.float64).reshape(-1, 1)
-    return np.sqrt(2 * s), s, np.sqrt(w / M)
+    log_weight = 0.5 * np.log(w / M)
+    return np.sqrt(2 * s), s - log_weight, PRF_EXPONENT_CLIP + log_weight
 
 def _prf(xp, u, omega, s, w=None):
-    "Positive random features of e^{2 s û·k̂} at nodes `s` [R]: √w_r exp(√(2s_r) ωᵀû − s_r)/√M `[B, H, L, R, M]`, exponent clipped."
+    "Positive random features of e^{2 s û·k̂} at nodes `s` [R]: √w_r exp(√(2s_r) ωᵀû − s_r)/√M `[B, H, L, R, M]`, exponent capped."
     H, D, M = omega.shape
-    scale, shift, weight = _prf_constants(tuple(np.ravel(s)), None if w is None else tuple(np.ravel(w)), M)
+    scale, shift, cap = _prf_constants(tuple(np.ravel(s)), None if w is None else tuple(np.ravel(w)), M)
     om = xp.reshape(omega[:, :, None, :] * _constant(xp, scale, u), (H, D, scale.shape[0] * M))  # [H, D, R·M]
     proj = xp.reshape(u @ om, tuple(u.shape[:-1]) + (scale.shape[0], M))  # [B, H, L, R, M]: the scaled ω of every node at once
-    e = xp.clip(proj - _constant(xp, shift, u), min=-PRF_EXPONENT_CLIP, max=PRF_EXPONENT_CLIP)  # [B, H, L, R, M]
-    return xp.exp(e) * _constant(xp, weight, u)  # one product for the weights and 1/√M
+    e = xp.minimum(proj - _constant(xp, shift, u), _constant(xp, cap, u))  # [B, H, L, R, M]: the weights folded into the shift
+    return xp.exp(e)  # three passes over [.., R, M] (shift, cap, exp); the cap guards overflow only
 
 def _ref_prf_kernel(qu, ku, omega, s):
     def f(u):
         e = np.sqrt(2 * s) * np.einsum("bhld,hdm->bhlm", u, omega) - s
-        return np.exp(np.clip(e, -PRF_EXPONENT_CLIP, PRF_EXPONENT_CLIP))
+        return np.exp(np.minimum(e, PRF_EXPONENT_CLIP))
     return np.einsum("bhim,bhjm->bhij", f(qu), f(ku)) / omega.shape[-1]
 
 def _poly_anchor(xp, u, state):
