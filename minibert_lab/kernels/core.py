@@ -38,7 +38,7 @@ DEFAULT_COS_MAX_LEN = 512  # cosformer's position range M (its weights cos(π(i-
 FEATURES_PER_HEAD_DIM = 8  # SLAY kinds' default feature budget: F = 8·D features per head (D = 16: 128, D = 64: 512)
 FEATURE_BUDGETS = dict(paper=1024)  # named budgets F per head: the SLAY paper's R = 2 nodes × P = 16 × M = 32
 
-# %% ../../nbs/10_kernels.ipynb #3039eb89
+# %% ../../nbs/10_kernels.ipynb #b4a6fd01
 def _dev(x) -> dict:
     "`device=` keyword for creating arrays next to `x` (torch only; numpy and JAX place arrays by default)."
     return {"device": x.device} if array_api_compat.is_torch_array(x) else {}
@@ -48,12 +48,14 @@ def _zeros(xp, shape, like):
 
 def _as_array(xp, a, like, dtype=None):
     "`a` (numpy, torch, JAX or Python) as an array of namespace `xp` next to `like`."
-    if not (array_api_compat.is_array_api_obj(a) and array_namespace(a) is xp):
+    if type(a) is type(like) and array_api_compat.is_torch_array(a):  # the hot path (torch state beside torch queries)
+        if a.device != like.device: a = a.to(like.device)
+    elif not (array_api_compat.is_array_api_obj(a) and array_namespace(a) is xp):
         if array_api_compat.is_torch_array(a): a = a.detach().cpu().numpy()
         a = xp.asarray(np.asarray(a), **_dev(like))
     elif array_api_compat.is_torch_array(a) and array_api_compat.is_torch_array(like) and a.device != like.device:
         a = a.to(like.device)
-    return a if dtype is None else xp.astype(a, dtype)
+    return a if dtype is None or a.dtype == dtype else xp.astype(a, dtype)
 
 def _relu(xp, x):
     return xp.where(x > 0, x, xp.zeros_like(x))
@@ -78,7 +80,7 @@ def _guard_den(xp, den, positive: bool):
     "Denominator guard: positive kinds floor den at `positive_den_floor`; signed kinds clamp |den| >= eps, keeping the sign."
     if positive:
         floor = positive_den_floor(xp, den.dtype)
-        return xp.where(den > floor, den, xp.full_like(den, floor))
+        return xp.clip(den, min=floor)  # one op (NaN stays NaN)
     eps = xp.full_like(den, DENOMINATOR_EPS)
     return xp.where(xp.abs(den) >= DENOMINATOR_EPS, den, xp.where(den < 0, -eps, eps))
 
@@ -231,7 +233,7 @@ def validate_masks(attention_mask=None, # [B, L] 0/1 or bool
             raise ValueError(f"{pre}attention_mask{list(i)}={am[i].item()!r} but segment_ids{list(i)}={int(sg[i])}: the masks "
                              "disagree; allowed: a token is real (mask 1) exactly when its segment is not 0, or give one of them")
 
-# %% ../../nbs/10_kernels.ipynb #2d6d2989
+# %% ../../nbs/10_kernels.ipynb #ebdeef03
 @dataclass(frozen=True)
 class Param:
     "One parameter of an attention kind (or module): default, type and allowed values."
@@ -330,6 +332,7 @@ class KernelSpec:
     family: str = "other"                      # group in tables and plots
     summary: str = ""                          # one line for tables
     causal: bool = True                        # the kind has a causal (left-to-right) form: causal LMs may use it
+    shared_roles: bool = False                 # feature kinds: φ ignores `ctx.role`, so a decoding step maps q and k in one call
     step: Callable | None = None               # decoding: (spec, q, k, v, cache, state, params, ctx) -> (out, cache);
                                                #   None: the form's update (exact: key/value cache, feature: recurrent state)
 
@@ -640,7 +643,7 @@ def _ref_rff(q, k, st, p, pos):
                                                      + ph[None, :, None, :])
     return np.einsum("bhim,bhjm->bhij", f(q), f(k))
 
-# %% ../../nbs/10_kernels.ipynb #365ee8fc
+# %% ../../nbs/10_kernels.ipynb #0283097f
 @functools.lru_cache(maxsize=64)  # every decoding step asks again; laggauss solves an eigenproblem
 def laguerre_nodes(num_nodes: int, # R
                    epsilon: float, # ε of C = 2 + ε
@@ -732,7 +735,8 @@ def factor_features(a, # polynomial block [B, H, L, P], or None
 def _slay_maps(poly, laplace=False):
     "A SLAY kind's `features` and `factors` entries (φ is built from the factors)."
     factors = _slay_factors(poly, laplace)
-    return dict(features=lambda x, state, params, ctx: factor_features(*factors(x, state, params, ctx)), factors=factors)
+    return dict(features=lambda x, state, params, ctx: factor_features(*factors(x, state, params, ctx)), factors=factors,
+                shared_roles=True)
 
 def _ref_poly_anchor(u, st):
     a = np.einsum("bhld,hdp->bhlp", u, st["anchors"])
@@ -833,7 +837,7 @@ def _draw_slay_nystrom(rng, heads, D, p):
     return dict(landmarks=A, landmark_whitening=nystrom_whitening(A, p["ridge"]),
                 omega=rng.standard_normal((heads, D, slay_num_features(D, p))))
 
-# %% ../../nbs/10_kernels.ipynb #bc54f7e4
+# %% ../../nbs/10_kernels.ipynb #8984c977
 def _p_features(default): return Param(default, int, low=1, small=8, doc="random features M per quadrature node")
 def _p_epsilon(): return Param(1e-3, float, low=0, low_open=True, doc="ε of the Yat kernel (C = 2 + ε)")
 def _slay_params(num_quad_nodes=2, poly=True, **extra):
@@ -860,12 +864,12 @@ for _spec in [
     KernelSpec(name="cosformer", params=dict(cos_max_len=Param(DEFAULT_COS_MAX_LEN, int, low=1, small=16,
                                                                doc="position range M")),
                features=_cosformer_features, reference=_ref_cosformer, feature_dim=lambda D, p: 2 * D,
-               map_width=lambda D, p: 0, uses_positions=True, max_position=lambda p: p["cos_max_len"],
+               map_width=lambda D, p: 0, uses_positions=True, max_position=lambda p: p["cos_max_len"], shared_roles=True,
                family="linear", summary="ReLU features with cos/sin position reweighting"),
     KernelSpec(name="rff", params=dict(num_features=_p_features(64),
                                        bandwidth=Param(1.0, float, low=0, low_open=True, doc="Gaussian bandwidth σ")),
                features=_rff_features, reference=_ref_rff, positive=False, target="gaussian", draw_state=_draw_rff,
-               feature_dim=lambda D, p: p["num_features"], map_width=lambda D, p: p["num_features"],
+               feature_dim=lambda D, p: p["num_features"], map_width=lambda D, p: p["num_features"], shared_roles=True,
                family="random-features", summary="random Fourier features of a Gaussian kernel"),
     KernelSpec(name="yat", params=dict(epsilon=_p_epsilon(), normalize=Param("softmax", str, choices=NORMALIZATIONS)),
                score=_score_yat, reference=_ref_yat, family="yat", summary="(q·k)² / (‖q−k‖² + ε)"),
@@ -1271,7 +1275,7 @@ def attention_core(kind: str, # attention kind, one of ATTENTION_TYPES
         weights = A / _guard_den(xp, xp.sum(A, axis=-1, keepdims=True), spec.positive)
     return out, weights
 
-# %% ../../nbs/10_kernels.ipynb #9d119ff1
+# %% ../../nbs/10_kernels.ipynb #03685116
 CACHE_MIN_BUCKET = 16  # smallest key/value cache capacity (tokens); it then doubles up to the model's max_len
 
 @dataclass
@@ -1298,8 +1302,10 @@ def cache_bucket(n: int, # tokens the cache must hold
 
 def _repeat_heads(xp, a, heads):
     "`[B, Hkv, ...]` -> `[B, H, ...]`: each key/value head serves H/Hkv consecutive query heads (grouped-query attention)."
-    g = heads // a.shape[1]
-    return a if g == 1 else xp.repeat(a, g, axis=1)  # [B, H, ...]
+    B, Hkv, rest = a.shape[0], a.shape[1], tuple(a.shape[2:])
+    g = heads // Hkv
+    if g == 1: return a
+    return xp.reshape(xp.broadcast_to(a[:, :, None], (B, Hkv, g) + rest), (B, Hkv * g) + rest)  # [B, H, ...], one copy
 
 def _grow(xp, a, axis, size):
     "Zero-pad `a` along `axis` to `size`."
@@ -1367,13 +1373,18 @@ def _add_outer(xp, S, a, b):
 def _state_chunk(spec, q, k, v1, S, m, state, params, ctx, valid, positions):
     xp = ctx.xp
     T = q.shape[2]
-    kv = valid[:, None, :, None]  # [B, 1, T, 1]
+    kv = None if ctx.dense else valid[:, None, :, None]  # [B, 1, T, 1] real new tokens (None: all)
     pos = None
     if spec.uses_positions:
         cd = xp.float64 if q.dtype == xp.float64 else xp.float32
         pos = xp.astype(positions, cd)[:, None, :, None]  # [B, 1, T, 1]
-    fq = spec.features(q, state, params, FeatureContext(xp, "query", pos, kv, True, T))  # [B, H, T, F]
-    fk = spec.features(k, state, params, FeatureContext(xp, "key", pos, kv, True, T))  # [B, H, T, F]
+    if spec.shared_roles:  # one call maps the queries and keys: half the feature map's small ops in a decoding step
+        two = lambda a: None if a is None else xp.concat([a, a], axis=2)
+        fqk = spec.features(xp.concat([q, k], axis=2), state, params, FeatureContext(xp, "query", two(pos), two(kv), True, 2 * T))
+        fq, fk = fqk[:, :, :T], fqk[:, :, T:]  # [B, H, T, F] each
+    else:
+        fq = spec.features(q, state, params, FeatureContext(xp, "query", pos, kv, True, T))  # [B, H, T, F]
+        fk = spec.features(k, state, params, FeatureContext(xp, "key", pos, kv, True, T))  # [B, H, T, F]
     lk = None
     if isinstance(fk, tuple): fk, lk = fk  # key log-scales [B, H, T]
     if not ctx.dense: fk = xp.where(kv, fk, xp.zeros_like(fk))  # pads add nothing to the state
