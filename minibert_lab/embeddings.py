@@ -25,9 +25,9 @@ __all__ = ['EMBED_POOLINGS', 'ENCODE_BATCH_SIZE', 'JAX_LENGTH_MULTIPLE', 'EMBED_
            'check_pooling', 'model_framework', 'encoder_of', 'l2_normalize', 'embed_tokens', 'pad_token_lists',
            'default_max_length', 'tokenize_texts', 'eval_mode', 'encode', 'SentenceEncoder', 'save_sentence_encoder',
            'load_sentence_encoder', 'cos_sim', 'ranking_loss', 'cosine_similarity_loss', 'cached_backward',
-           'jax_cached_value_and_grad', 'no_duplicate_batches', 'retrieval_ranks', 'evaluate_retrieval', 'evaluate_lee',
-           'evaluate_embeddings', 'pair_texts', 'PairLoader', 'ContrastiveBackend', 'embed_train', 'cli_embed_train',
-           'cli_embed', 'cli_embed_eval']
+           'jax_cached_value_and_grad', 'no_duplicate_batches', 'retrieval_ranks', 'evaluate_retrieval',
+           'lee_similarities', 'evaluate_lee', 'evaluate_embeddings', 'pair_texts', 'PairLoader', 'ContrastiveBackend',
+           'embed_train', 'cli_embed_train', 'cli_embed', 'cli_embed_eval']
 
 # %% ../nbs/28_embeddings.ipynb #d9423452
 EMBED_POOLINGS = ("mean", "cls", "max")   # the poolings a sentence-transformers folder can say (heads.pool also has 'pooler')
@@ -370,7 +370,7 @@ def no_duplicate_batches(pairs: Sequence[Sequence[str]], # (text, text, ...) row
         out.append(batch)
     return out
 
-# %% ../nbs/28_embeddings.ipynb #17cea122
+# %% ../nbs/28_embeddings.ipynb #fbec85de
 def retrieval_ranks(queries, # [N, dim] query embeddings
                     candidates, # [N, dim] candidate embeddings; query i's answer is candidate i
                    ) -> np.ndarray:
@@ -398,13 +398,17 @@ def evaluate_retrieval(enc: SentenceEncoder, # the encoder
     r = retrieval_ranks(q, c)
     return {k: _ci(lambda y, _, f=f: f(y), r, r, n_boot, seed) for k, f in RETRIEVAL_METRICS.items()}
 
-def evaluate_lee(enc: SentenceEncoder, n_boot: int = 1000, seed: int = 0) -> dict:
-    "Pearson and Spearman correlation of the Lee pairs' cosine similarities with the human scores, with 95% bootstrap intervals."
-    from scipy import stats
+def lee_similarities(enc: SentenceEncoder) -> tuple[np.ndarray, np.ndarray]:
+    "The Lee pairs' human scores and the cosine similarities of their documents' embeddings `([1225], [1225])`."
     from minibert_lab.pairs import lee_pairs
     docs, idx, human = lee_pairs()
     e = enc.encode(docs)
-    sims = np.sum(l2_normalize(e[idx[:, 0]].astype(np.float64)) * l2_normalize(e[idx[:, 1]].astype(np.float64)), axis=1)
+    return human, np.sum(l2_normalize(e[idx[:, 0]].astype(np.float64)) * l2_normalize(e[idx[:, 1]].astype(np.float64)), axis=1)
+
+def evaluate_lee(enc: SentenceEncoder, n_boot: int = 1000, seed: int = 0) -> dict:
+    "Pearson and Spearman correlation of the Lee pairs' cosine similarities with the human scores, with 95% bootstrap intervals."
+    from scipy import stats
+    human, sims = lee_similarities(enc)
     return dict(pearson=_ci(lambda y, p: stats.pearsonr(y, p).statistic, human, sims, n_boot, seed),
                 spearman=_ci(lambda y, p: stats.spearmanr(y, p).statistic, human, sims, n_boot, seed))
 

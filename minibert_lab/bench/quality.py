@@ -29,11 +29,11 @@ __all__ = ['PAD', 'MASK', 'BLANK', 'TRIGGER', 'FIRST_CONTENT', 'SYNTH_VOCAB', 'S
            'TRANSPLANT_HEAD_LR', 'TRANSPLANT_EVAL_BATCHES', 'MLM_STEPS', 'MLM_STEPS_QUICK', 'MLM_EVALS', 'mqar_batch',
            'selective_copy_batch', 'induction_batch', 'reference_answers', 'SynthTask', 'difficulty_name', 'task_batch',
            't_interval', 'paired_t', 'wilcoxon_exact', 'battery_cells', 'synth_model_config', 'model_inputs',
-           'budget_kind_params', 'eval_set', 'accuracy', 'train_synth', 'Entry', 'battery_entries', 'peak_step_memory',
-           'bench_quality', 'quality_table', 'sensitivity', 'ranked_result', 'pareto_front', 'quality_figure',
-           'quality_report', 'paired_difference', 'slay_causes', 'slay_verdict', 'lab_evidence', 'transplant',
-           'transplant_data', 'recovery_loss', 'mlm_validation_loss', 'recover', 'fit_mlm_head', 'EmbeddingProbe',
-           'bench_quality_transplant', 'mlm_config', 'bench_quality_mlm']
+           'budget_kind_params', 'eval_set', 'accuracy', 'fit_steps', 'train_synth', 'Entry', 'battery_entries',
+           'peak_step_memory', 'bench_quality', 'quality_table', 'sensitivity', 'ranked_result', 'pareto_front',
+           'quality_figure', 'quality_report', 'paired_difference', 'slay_causes', 'slay_verdict', 'lab_evidence',
+           'transplant', 'transplant_data', 'recovery_loss', 'mlm_validation_loss', 'recover', 'fit_mlm_head',
+           'EmbeddingProbe', 'bench_quality_transplant', 'mlm_config', 'bench_quality_mlm']
 
 # %% ../../nbs/54_bench_quality.ipynb #f665d994
 PAD, MASK, BLANK, TRIGGER = 0, 1, 2, 3   # special ids of the synthetic vocabulary
@@ -193,7 +193,7 @@ def wilcoxon_exact(a: Sequence[float], b: Sequence[float]) -> tuple[float, float
     p = float(np.mean((null <= w + 1e-9) | (null >= r.sum() - w - 1e-9)))
     return w, min(1.0, p)
 
-# %% ../../nbs/54_bench_quality.ipynb #6aaa253f
+# %% ../../nbs/54_bench_quality.ipynb #5339aa43
 SYNTH_PRESET = "tiny"              # model size of every line of the battery
 SYNTH_FEATURE_BUDGET = 256         # features per head of every kind that has a budget (`num_features`)
 SYNTH_LRS, SYNTH_LRS_QUICK = (1e-3, 3e-3, 1e-2), (3e-3, 1e-2)   # learning-rate sweep: each line keeps its best on validation
@@ -254,6 +254,34 @@ def accuracy(model, batches, device: str = "cpu", chunk: int = 128, shift: bool 
     model.train()
     return out
 
+def fit_steps(groups: list[dict], # AdamW parameter groups (each: "params", optionally "weight_decay")
+              loss_step: Callable, # step -> (loss tensor, tokens in its batch)
+              steps: int, # optimizer steps
+              lr: float, # peak learning rate
+              device: str = "cpu", # where the model is ("cuda": synchronised before the clock stops)
+              betas: tuple = (0.9, 0.999), # AdamW betas
+              weight_decay: float = 0.01, # AdamW weight decay of groups that name none
+              points: int = 10, # points of the loss curve
+             ) -> dict:
+    "The benchmark's training loop: AdamW, warm-up + cosine (`SYNTH_WARMUP`, `SYNTH_MIN_LR_RATIO`), clipping at 1; seconds, tokens, final loss and curve."
+    import torch
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    params = [q for g in groups for q in g["params"]]
+    warm, tokens, curve, every = max(int(SYNTH_WARMUP * steps), 1), 0, [], max(steps // points, 1)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = float(lr_at(step, lr=lr, warmup_steps=warm, total_steps=steps, min_lr_ratio=SYNTH_MIN_LR_RATIO))
+        loss, n = loss_step(step)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+        tokens += int(n)
+        if step % every == 0 or step == steps - 1: curve.append(dict(step=step + 1, loss=round(loss.item(), 4)))
+    if device == "cuda": torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(curve[-1]["loss"]): raise FloatingPointError(f"non-finite training loss {curve[-1]['loss']} (lr={lr})")
+    return dict(train_seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, final_loss=curve[-1]["loss"], curve=curve)
+
 def train_synth(kind: str, # attention kind
                 params: dict, # its parameters
                 cells: Sequence[dict], # `battery_cells`: one model learns them all, in turn
@@ -272,26 +300,13 @@ def train_synth(kind: str, # attention kind
     model = MiniBERTForMaskedLM(synth_model_config(kind, params, seed, shift=shift)).to(device)
     groups = {True: [], False: []}
     for n, q in model.named_parameters(): groups[decays(n, q.ndim)].append(q)
-    opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": SYNTH_WEIGHT_DECAY},
-                             {"params": groups[False], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    warm, tokens, curve = int(SYNTH_WARMUP * steps), 0, []
-    every = max(steps // 20, 1)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = float(lr_at(step, lr=lr, warmup_steps=warm, total_steps=steps, min_lr_ratio=SYNTH_MIN_LR_RATIO))
+    def loss_step(step):
         j = step % len(cells)
         ids, labels = task_batch(cells[j]["task"], _stream(seed, "train", j, step), batch, **cells[j]["difficulty"])
-        loss = model(**model_inputs(torch.as_tensor(ids, device=device), shift), labels=torch.as_tensor(labels, device=device)).loss
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        tokens += ids.size
-        if step % every == 0 or step == steps - 1: curve.append(dict(step=step + 1, loss=round(loss.item(), 4)))
-    if device == "cuda": torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    res = dict(train_seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, final_loss=curve[-1]["loss"], curve=curve)
-    if not math.isfinite(res["final_loss"]): raise FloatingPointError(f"non-finite training loss {res['final_loss']} (lr={lr})")
+        out = model(**model_inputs(torch.as_tensor(ids, device=device), shift), labels=torch.as_tensor(labels, device=device))
+        return out.loss, ids.size
+    res = fit_steps([{"params": groups[True], "weight_decay": SYNTH_WEIGHT_DECAY}, {"params": groups[False], "weight_decay": 0.0}],
+                    loss_step, steps, lr, device, betas=(0.9, 0.98), points=20)
     for split, batches in (eval_sets or {}).items(): res[f"{split}_acc"] = accuracy(model, batches, device, shift=shift)
     return res
 
@@ -644,7 +659,7 @@ def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
                      f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
     return "\n".join(parts), " ".join(verdicts)
 
-# %% ../../nbs/54_bench_quality.ipynb #6f40c91b
+# %% ../../nbs/54_bench_quality.ipynb #93b0eebd
 TRANSPLANT_TASK = "trec-6"                   # the downstream task (a packaged task of the fine-tuning chapter): a linear probe of the embeddings
 TRANSPLANT_PROBE = dict(max_train=300, max_heldout=200, max_len=32)   # its budget: bench-tasks' frozen encoder + LR row
 TRANSPLANT_LEE_LEN = 128                     # tokens per Lee document
@@ -710,25 +725,14 @@ def mlm_validation_loss(model, batches: Sequence[Mapping], device: str = "cpu") 
 
 def recover(model, teacher, data, objective: str, steps: int, lr: float, device: str = "cpu", train_only=None) -> dict:
     "Recovery fine-tune on the corpus (AdamW, warm-up + cosine, clipping at 1); `train_only`: the parameters to train (default all). Returns seconds, tokens, the loss curve."
-    import torch
     from minibert_lab.torch.train import to_torch
     params = [p for p in (model.parameters() if train_only is None else train_only) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    it, tokens, curve, warm = iter(data.train), 0, [], max(int(SYNTH_WARMUP * steps), 1)
-    model.train(); t0 = time.perf_counter()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = float(lr_at(step, lr=lr, warmup_steps=warm, total_steps=steps, min_lr_ratio=SYNTH_MIN_LR_RATIO))
+    it = iter(data.train)
+    def loss_step(step):
         b = to_torch(next(it), device)
-        loss = recovery_loss(model, teacher, b, objective)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
-        tokens += int(b["attention_mask"].sum())
-        if step % max(steps // 10, 1) == 0 or step == steps - 1: curve.append(dict(step=step + 1, loss=round(loss.item(), 4)))
-    if device == "cuda": torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if not math.isfinite(curve[-1]["loss"]): raise FloatingPointError(f"non-finite recovery loss {curve[-1]['loss']} (lr={lr})")
-    return dict(train_seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, final_loss=curve[-1]["loss"], curve=curve)
+        return recovery_loss(model, teacher, b, objective), b["attention_mask"].sum()
+    model.train()
+    return fit_steps([{"params": params}], loss_step, steps, lr, device, points=10)
 
 def fit_mlm_head(src, data, steps: int = TRANSPLANT_HEAD_STEPS, lr: float = TRANSPLANT_HEAD_LR, device: str = "cpu") -> dict:
     "An MLM head for `src` (a headless encoder such as all-MiniLM-L6-v2) fitted on the corpus with the encoder frozen: its state dict."
@@ -767,29 +771,35 @@ class EmbeddingProbe:
 
     def measure(self, model) -> dict:
         "{agreement, lee, TRANSPLANT_TASK} of `model` (eval mode)."
-        from minibert_lab.embeddings import SentenceEncoder, evaluate_lee, l2_normalize
+        from scipy import stats
+        from minibert_lab.embeddings import SentenceEncoder, lee_similarities, l2_normalize
         from minibert_lab.bench.tasks import linear_probe, primary_metric
         model.eval()
         te = self.embed(model, self.test_texts)
         p = linear_probe(self.kind, self.embed(model, self.train_texts), self.train_labels, te, 0, self.num_classes)
         n = min(TRANSPLANT_LEE_LEN, getattr(model, "bert", model).cfg.max_len)
-        lee = evaluate_lee(SentenceEncoder(model, self.tokenizer, "mean", False, n), n_boot=1)["pearson"]["value"]
+        lee = stats.pearsonr(*lee_similarities(SentenceEncoder(model, self.tokenizer, "mean", False, n))).statistic
         return {"agreement": float(np.mean(np.sum(l2_normalize(te) * l2_normalize(self.reference), -1))), "lee": float(lee),
                 TRANSPLANT_TASK: primary_metric(self.kind)(self.test_labels, p)}
+
+@functools.lru_cache(maxsize=1)
+def _transplant_source(model_dir: str, device: str):
+    "The original encoder and its `EmbeddingProbe`, loaded once per process: every job of a run reads them, none changes them."
+    from minibert_lab.data import load_tokenizer
+    from minibert_lab.hf import from_hf
+    src = from_hf(model_dir).to(device)
+    return src, EmbeddingProbe.build(src, load_tokenizer(model_dir))
 
 def _run_transplant_job(job: dict) -> dict:
     "One transplant (a process-pool job): what it keeps before and after recovery, MLM loss before and after, cost."
     import torch
     from minibert_lab.torch.train import to_torch
-    from minibert_lab.data import load_tokenizer
-    from minibert_lab.hf import from_hf
     from minibert_lab.bench.harness import torch_peak_memory
     if job.get("threads"): torch.set_num_threads(job["threads"])
     e, dev = Entry(**job["entry"]), job["device"]
     out = dict(label=e.label, kind=e.kind, params=e.params, lr=job["lr"], seed=job["seed"], phase="seed")
     try:
-        src = from_hf(job["model_dir"]).to(dev)
-        probe = EmbeddingProbe.build(src, load_tokenizer(job["model_dir"]))
+        src, probe = _transplant_source(str(job["model_dir"]), dev)
         data = transplant_data(job["model_dir"], job["seed"], job["batch"], job["seq_len"])
         val = data.validation[:TRANSPLANT_EVAL_BATCHES]
         model = transplant(src, e.kind, e.params, job["seed"])
