@@ -20,14 +20,14 @@ from .heads import bootstrap_ci, pool
 from .train import decays, fit, make_schedule
 
 # %% auto #0
-__all__ = ['EMBED_POOLINGS', 'ENCODE_BATCH_SIZE', 'JAX_LENGTH_MULTIPLE', 'EMBED_MODEL_DIR', 'ST_POOLING_KEYS',
-           'ST_OTHER_POOLING_KEYS', 'RETRIEVAL_METRICS', 'EMBED_CONFIG_FILE', 'MAX_SCALE', 'check_texts',
-           'check_pooling', 'model_framework', 'encoder_of', 'l2_normalize', 'embed_tokens', 'pad_token_lists',
-           'default_max_length', 'tokenize_texts', 'eval_mode', 'encode', 'SentenceEncoder', 'save_sentence_encoder',
-           'load_sentence_encoder', 'cos_sim', 'ranking_loss', 'cosine_similarity_loss', 'cached_backward',
-           'jax_cached_value_and_grad', 'no_duplicate_batches', 'retrieval_ranks', 'evaluate_retrieval',
-           'lee_similarities', 'evaluate_lee', 'evaluate_embeddings', 'pair_texts', 'PairLoader', 'ContrastiveBackend',
-           'embed_train', 'cli_embed_train', 'cli_embed', 'cli_embed_eval']
+__all__ = ['EMBED_POOLINGS', 'ENCODE_BATCH_SIZE', 'JAX_LENGTH_MULTIPLE', 'EMBED_MODEL_DIR', 'SENTENCE_CONFIG_FILE',
+           'ST_POOLING_KEYS', 'ST_OTHER_POOLING_KEYS', 'RETRIEVAL_METRICS', 'EMBED_CONFIG_FILE', 'MAX_SCALE',
+           'check_texts', 'check_pooling', 'model_framework', 'encoder_of', 'l2_normalize', 'embed_tokens',
+           'pad_token_lists', 'default_max_length', 'tokenize_texts', 'eval_mode', 'encode', 'SentenceEncoder',
+           'save_sentence_encoder', 'load_sentence_encoder', 'cos_sim', 'ranking_loss', 'cosine_similarity_loss',
+           'cached_backward', 'jax_cached_value_and_grad', 'no_duplicate_batches', 'retrieval_ranks',
+           'evaluate_retrieval', 'lee_similarities', 'evaluate_lee', 'evaluate_embeddings', 'pair_texts', 'PairLoader',
+           'ContrastiveBackend', 'embed_train', 'cli_embed_train', 'cli_embed', 'cli_embed_eval']
 
 # %% ../nbs/28_embeddings.ipynb #d9423452
 EMBED_POOLINGS = ("mean", "cls", "max")   # the poolings a sentence-transformers folder can say (heads.pool also has 'pooler')
@@ -159,8 +159,9 @@ def encode(model, # a minibert_lab encoder, torch or JAX (`MiniBERT` or `MiniBER
             bar.update(len(idx))
     return out
 
-# %% ../nbs/28_embeddings.ipynb #d058d039
+# %% ../nbs/28_embeddings.ipynb #053cf91c
 EMBED_MODEL_DIR = "model"                 # the sentence-transformers folder inside an embed-train run
+SENTENCE_CONFIG_FILE = "sentence_config.json"   # pooling, normalisation and length of a sentence encoder saved in the lab's format
 ST_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
 ST_OTHER_POOLING_KEYS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 
@@ -188,10 +189,16 @@ class SentenceEncoder:
 def save_sentence_encoder(enc: SentenceEncoder, # what to save
                           path: str | Path, # output folder (created)
                          ) -> Path:
-    "Write `enc` as a folder `sentence_transformers.SentenceTransformer(path)` loads (BERT-shaped encoders)."
-    from minibert_lab.hf import to_hf
-    path = Path(path)
-    to_hf(encoder_of(enc.model), path)                                  # config.json + model.safetensors (BertModel)
+    "Write `enc`: a folder `sentence_transformers.SentenceTransformer(path)` loads for BERT-shaped encoders, else the lab's `save_pretrained` folder with `SENTENCE_CONFIG_FILE`."
+    from minibert_lab.hf import is_bert_shaped, to_hf
+    path, model = Path(path), encoder_of(enc.model)
+    if not is_bert_shaped(model.cfg):  # RMSNorm, RoPE, other kinds...: no sentence-transformers architecture holds them
+        model.save_pretrained(path)
+        enc.tokenizer.save_pretrained(str(path))
+        (path / SENTENCE_CONFIG_FILE).write_text(json.dumps(dict(pooling=enc.pooling, normalize=enc.normalize,
+                                                                 max_seq_length=enc.max_length), indent=2) + "\n")
+        return path
+    to_hf(model, path)                                  # config.json + model.safetensors (BertModel)
     enc.tokenizer.save_pretrained(str(path))
     mods = [dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
             dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling")]
@@ -237,11 +244,16 @@ def load_sentence_encoder(path: str | Path, # a sentence-transformers folder, an
     from minibert_lab.hf import from_hf
     from minibert_lab.pretrain import resolve_model_path
     p = Path(path)
-    if (p / EMBED_MODEL_DIR / "modules.json").is_file(): p = p / EMBED_MODEL_DIR   # an embed-train run folder
+    if any((p / EMBED_MODEL_DIR / f).is_file() for f in ("modules.json", SENTENCE_CONFIG_FILE)): p = p / EMBED_MODEL_DIR   # an embed-train run
     if (p / "modules.json").is_file():
         tr, pooling, normalize, max_len = _st_modules(p)
         model = from_hf(tr, framework)
         return SentenceEncoder(model, load_tokenizer(tr), pooling, normalize, max_len)
+    if (p / SENTENCE_CONFIG_FILE).is_file():  # the lab's format (`save_sentence_encoder` of a non-BERT-shaped encoder)
+        sc = _read_json(p / SENTENCE_CONFIG_FILE)
+        r = resolve_model_path(p, framework)
+        return SentenceEncoder(encoder_of(r.model), r.tokenizer, check_pooling(sc.get("pooling")), bool(sc.get("normalize")),
+                               sc.get("max_seq_length"))
     r = resolve_model_path(p, framework)
     if r.tokenizer is None: raise ValueError(f"model folder {str(p)!r} has no tokenizer (tokenizer.json or vocab.txt); allowed: a folder with its tokenizer")
     return SentenceEncoder(encoder_of(r.model), r.tokenizer, check_pooling(pooling), normalize)
@@ -423,7 +435,7 @@ def evaluate_embeddings(enc: SentenceEncoder, # the encoder
     return dict(lee=evaluate_lee(enc, n_boot, seed), retrieval=evaluate_retrieval(enc, reply_retrieval_set(n), n_boot, seed),
                 candidates=n, pooling=enc.pooling, normalize=enc.normalize, max_length=enc.max_length)
 
-# %% ../nbs/28_embeddings.ipynb #469d2396
+# %% ../nbs/28_embeddings.ipynb #1bd83640
 EMBED_CONFIG_FILE = "embed_config.json"   # pooling, loss and data settings of an embed-train run
 MAX_SCALE = 100.0                         # a learned scale is clipped here (as CLIP's logit scale)
 
@@ -598,7 +610,7 @@ def embed_train(model_path: str | Path, # starting encoder: a sentence-transform
                 eval_every: int = 50, save_every: int = 100, seed: int = 0, # loop
                 resume: bool = False, progress: bool = True,
                ) -> tuple[Any, SentenceEncoder]:
-    "Contrastive training of an encoder on pairs through `train.fit`; writes `out/model` (sentence-transformers). Returns (FitResult, encoder)."
+    "Contrastive training of an encoder on pairs through `train.fit`; writes `out/model` (`save_sentence_encoder`). Returns (FitResult, encoder)."
     pairs = _pair_lists(pairs)
     _check_positive_int("batch_size", batch_size)
     if batch_size < 2: raise ValueError("batch_size=1 leaves no in-batch negatives (the loss is 0); allowed: batch_size >= 2")

@@ -25,8 +25,8 @@ from .torch.heads import MiniBERTForTask
 # %% auto #0
 __all__ = ['HF_ENCODER_NAMES', 'HF_HEAD_NAMES', 'HF_MLM_BIAS', 'HF_DECODER_BIAS', 'HF_ENCODER_PREFIX', 'HF_IGNORED',
            'HF_ACTIVATIONS', 'HF_REQUIRED', 'HF_SIZES', 'HF_CLASSIFIER_NAMES', 'HF_CLASSIFIER', 'HF_CLASSIFIER_KINDS',
-           'LLAMA_NAMES', 'LLAMA_FFN', 'LLAMA_REQUIRED', 'hf_name_map', 'config_from_hf', 'config_to_hf',
-           'llama_config_from_hf', 'llama_config_to_hf', 'llama_from_state', 'llama_state', 'load_gguf',
+           'LLAMA_NAMES', 'LLAMA_FFN', 'LLAMA_REQUIRED', 'hf_name_map', 'config_from_hf', 'is_bert_shaped',
+           'config_to_hf', 'llama_config_from_hf', 'llama_config_to_hf', 'llama_from_state', 'llama_state', 'load_gguf',
            'read_hf_config', 'hf_head_config', 'hf_label_names', 'from_hf', 'to_hf']
 
 # %% ../nbs/23_hf.ipynb #3c364858
@@ -98,7 +98,7 @@ def hf_name_map(model: MiniBERT | MiniBERTForMaskedLM | MiniBERTForTask, # the t
     ours = dict(model.named_parameters())  # tied tensors appear once
     return {o: h for h, o in pairs if o in ours}
 
-# %% ../nbs/23_hf.ipynb #19e23029
+# %% ../nbs/23_hf.ipynb #56b0cc1d
 def config_from_hf(hf: dict, # a Hugging Face BERT config.json as a dict
                    pooler: bool = True, # whether the checkpoint has the [CLS] pooler
                   ) -> ModelConfig:
@@ -127,15 +127,24 @@ def config_from_hf(hf: dict, # a Hugging Face BERT config.json as a dict
 _BERT_SHAPE = dict(norm="layernorm", norm_bias=True, prenorm=False, embedding_norm=True, final_norm=False,
                    position="learned", bias=True, global_every=1)
 
-def config_to_hf(cfg: ModelConfig, # a BERT-shaped config
-                 architecture: str = "BertForMaskedLM", # `architectures` entry of config.json
-                ) -> dict:
-    "The Hugging Face `BertConfig` dict of a BERT-shaped `ModelConfig`."
+def _bert_mismatch(cfg: ModelConfig) -> dict:
+    "The fields of `cfg` that a Hugging Face `BertModel` cannot express (empty: BERT-shaped)."
     bad = {k: getattr(cfg, k) for k, v in _BERT_SHAPE.items() if getattr(cfg, k) != v}
     if not get_kind(cfg.attention.kind).fused_softmax or cfg.use_rope:  # BERT attention: softmax(q·k/√D), no RoPE
         bad["attention"] = f"{cfg.attention.kind}, rope={cfg.use_rope}"
     if cfg.activation not in ("gelu", "gelu_tanh", "relu"): bad["activation"] = cfg.activation
     if cfg.type_vocab_size < 1: bad["type_vocab_size"] = cfg.type_vocab_size
+    return bad
+
+def is_bert_shaped(cfg: ModelConfig) -> bool:
+    "Whether `to_hf` can write a model of `cfg` as a Hugging Face BERT."
+    return not _bert_mismatch(cfg)
+
+def config_to_hf(cfg: ModelConfig, # a BERT-shaped config
+                 architecture: str = "BertForMaskedLM", # `architectures` entry of config.json
+                ) -> dict:
+    "The Hugging Face `BertConfig` dict of a BERT-shaped `ModelConfig`."
+    bad = _bert_mismatch(cfg)
     if bad:
         raise ValueError(f"model config is not BERT-shaped: {bad}; allowed: the 'bert' family "
                          f"({_BERT_SHAPE}, standard attention without RoPE, activation gelu/gelu_tanh/relu, type_vocab_size >= 1)")

@@ -243,3 +243,24 @@ def test_all_minilm_l6_v2_encode_matches_st(framework):
     enc = load_sentence_encoder(folder, framework)
     assert (enc.pooling, enc.normalize, enc.max_length) == ("mean", True, 256)
     np.testing.assert_allclose(enc.encode(texts, batch_size=16), ref, atol=1e-5, rtol=0)
+
+
+def test_embed_train_lab_shaped_encoder_round_trip(tok, tmp_path):
+    "A lab encoder no sentence-transformers architecture holds (RMSNorm, RoPE): embed-train saves it in the lab's format, and both frameworks load it back."
+    from minibert_lab.embeddings import SENTENCE_CONFIG_FILE, embed_train, pair_texts
+    from minibert_lab.hf import is_bert_shaped
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", dim=32, heads=2, depth=1, ffn_dim=48, max_len=40, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    assert not is_bert_shaped(cfg) and is_bert_shaped(tiny_bert(tok).cfg)
+    start = tmp_path / "lab"
+    MiniBERT(cfg).save_pretrained(start); tok.save_pretrained(str(start))
+    words = "horse bear crown dagger ghost witch".split()
+    pairs = pair_texts([f"question {i} about {w}" for i, w in enumerate(words)], [f"{w} answer {i}" for i, w in enumerate(words)])
+    res, enc = embed_train(start, tmp_path / "run", pairs, steps=2, batch_size=3, lr=1e-3, warmup_steps=0, max_length=16,
+                           eval_every=2, save_every=2, progress=False, pooling="mean", normalize=True)
+    model_dir = tmp_path / "run" / "model"
+    assert res.step == 2 and (model_dir / SENTENCE_CONFIG_FILE).is_file() and not (model_dir / "modules.json").exists()
+    for framework in ("torch", "jax"):
+        back = load_sentence_encoder(tmp_path / "run", framework)
+        assert (back.pooling, back.normalize, back.max_length) == (enc.pooling, enc.normalize, enc.max_length)
+        np.testing.assert_allclose(back.encode(TEXTS), enc.encode(TEXTS), atol=1e-5, rtol=0)
