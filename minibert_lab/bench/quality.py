@@ -659,7 +659,7 @@ def lab_evidence(kinds: Sequence[str], # the lab's attention kinds
                      f"side):</p>\n{t}\n<p><b>{html.escape(verdicts[-1])}</b></p>")
     return "\n".join(parts), " ".join(verdicts)
 
-# %% ../../nbs/54_bench_quality.ipynb #93b0eebd
+# %% ../../nbs/54_bench_quality.ipynb #1827ecc5
 TRANSPLANT_TASK = "trec-6"                   # the downstream task (a packaged task of the fine-tuning chapter): a linear probe of the embeddings
 TRANSPLANT_PROBE = dict(max_train=300, max_heldout=200, max_len=32)   # its budget: bench-tasks' frozen encoder + LR row
 TRANSPLANT_LEE_LEN = 128                     # tokens per Lee document
@@ -782,9 +782,13 @@ class EmbeddingProbe:
         return {"agreement": float(np.mean(np.sum(l2_normalize(te) * l2_normalize(self.reference), -1))), "lee": float(lee),
                 TRANSPLANT_TASK: primary_metric(self.kind)(self.test_labels, p)}
 
-@functools.lru_cache(maxsize=1)
 def _transplant_source(model_dir: str, device: str):
-    "The original encoder and its `EmbeddingProbe`, loaded once per process: every job of a run reads them, none changes them."
+    "The original encoder and its `EmbeddingProbe`, loaded once per process and folder state: every job of a run reads them, none changes them."
+    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in Path(model_dir).iterdir() if f.is_file()))   # files rewritten: reload
+    return _load_transplant_source(model_dir, device, stamp)
+
+@functools.lru_cache(maxsize=1)
+def _load_transplant_source(model_dir: str, device: str, stamp: tuple):
     from minibert_lab.data import load_tokenizer
     from minibert_lab.hf import from_hf
     src = from_hf(model_dir).to(device)
